@@ -1,0 +1,28 @@
+# Set-up is part of every target: a local .venv is created and the project installed on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed  ## the fan-in workflow on a local embedded Ray (TASKS=1000)
+	$(PY) examples/fan_in.py --tasks $(or $(TASKS),1000)
+
+test: $(VENV)/.installed  ## lint + the whole test suite
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.installed  ## latency of one op through the client vs a raw Ray actor call
+	$(PY) bench/latency.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis bench/results

@@ -1,0 +1,52 @@
+"""shardstate: persistent, shared key-value state for parallel work on a Ray cluster.
+
+Groups → keys → values, hash-partitioned over Ray shard actors that each serialize every operation on
+their groups, so atomic updates need no locks::
+
+    import shardstate
+    from shardstate import ops
+
+    state = shardstate.connect()
+    state.set("orders", "o-1", {"total": 10})
+    state.update("orders", "o-1", [ops.increment("total", 5)])
+    state.get("orders", "o-1")   # {"total": 15}
+"""
+
+from __future__ import annotations
+
+from shardstate import ops
+from shardstate._client import AsyncStateClient, StateClient
+from shardstate._connect import connect, connect_async, shutdown
+from shardstate._errors import (
+    ConflictError,
+    InvalidInput,
+    StateError,
+    Unavailable,
+    UpdateError,
+    ValueTooLarge,
+)
+from shardstate._models import SetResult, StateItem
+from shardstate.cluster.bootstrap import ClusterMismatchWarning
+from shardstate.ops import UpdateOp
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncStateClient",
+    "ClusterMismatchWarning",
+    "ConflictError",
+    "InvalidInput",
+    "SetResult",
+    "StateClient",
+    "StateError",
+    "StateItem",
+    "Unavailable",
+    "UpdateError",
+    "UpdateOp",
+    "ValueTooLarge",
+    "__version__",
+    "connect",
+    "connect_async",
+    "ops",
+    "shutdown",
+]

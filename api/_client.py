@@ -1,0 +1,318 @@
+"""``StateClient`` (sync) and ``AsyncStateClient``: the public API, routed straight to shard actors.
+
+A client fetches the cluster's shard map from the router once and then sends each call to the shard
+that owns the group: the router is not on the data path. A shard that no longer owns a group answers
+:class:`StaleShardMap`; the client refetches the map and retries. Both clients share one
+:class:`ClusterLink` and the request builders of ``_requests``, so they check and decode identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from shardstate._errors import StaleShardMap, StateError, Unavailable
+from shardstate._models import SetResult, StateItem
+from shardstate._requests import (
+    GROUPS_COMMAND,
+    Request,
+    clear_request,
+    delete_request,
+    get_request,
+    items_request,
+    list_request,
+    merge_groups,
+    set_request,
+    update_request,
+)
+from shardstate.cluster.slots import slot_of
+
+#: How many times a call follows a "stale shard map" answer before giving up.
+MAX_REDIRECTS = 5
+
+
+class ShardView(NamedTuple):
+    """A snapshot of the router's shard map."""
+
+    epoch: int
+    owners: tuple[int, ...]
+    shards: list[Any]
+
+    def shard_for(self, group_id: str) -> Any:
+        """The handle of the shard owning ``group_id``."""
+        return self.shards[self.owners[slot_of(group_id)]]
+
+
+class ClusterLink:
+    """One process's connection to one state cluster: router handle, settings, cached shard map."""
+
+    def __init__(self, cluster: str, router: Any, config: dict[str, Any], timeout: float) -> None:
+        self.cluster = cluster
+        self.router = router
+        self.config = config
+        self.timeout = timeout
+        self.max_value_size: int = config["max_value_size"]
+        self.closed = False
+        self._lock = threading.Lock()
+        self.view: ShardView | None = None
+
+    def check_open(self) -> None:
+        """Raise :class:`Unavailable` if this link was closed (e.g. by ``shutdown()``)."""
+        if self.closed:
+            raise Unavailable(f"state cluster {self.cluster!r} was shut down (or this client was closed)")
+
+    def _adopt(self, snapshot: tuple[int, tuple[int, ...], list[Any]]) -> ShardView:
+        with self._lock:
+            if self.view is None or snapshot[0] >= self.view.epoch:
+                self.view = ShardView(*snapshot)
+            return self.view
+
+    def current(self) -> ShardView:
+        """The cached map, fetched (sync) on first use."""
+        view = self.view
+        return view if view is not None else self.refresh()
+
+    def refresh(self) -> ShardView:
+        """Fetch the map from the router (blocking)."""
+        self.check_open()
+        try:
+            return self._adopt(ray.get(self.router.shard_map.remote(), timeout=self.timeout))
+        except (RayError, GetTimeoutError) as exc:
+            raise self.unavailable(exc) from exc
+
+    async def refresh_async(self) -> ShardView:
+        """Fetch the map from the router (awaitable)."""
+        self.check_open()
+        try:
+            snapshot = await asyncio.wait_for(self.router.shard_map.remote(), self.timeout)
+        except (RayError, asyncio.TimeoutError) as exc:
+            raise self.unavailable(exc) from exc
+        return self._adopt(snapshot)
+
+    def unavailable(self, exc: BaseException) -> Unavailable:
+        """Translate a Ray failure into :class:`Unavailable`."""
+        if isinstance(exc, (GetTimeoutError, asyncio.TimeoutError)):
+            return Unavailable(f"state cluster {self.cluster!r} did not answer within {self.timeout}s")
+        if isinstance(exc, RayActorError):
+            return Unavailable(f"a shard of state cluster {self.cluster!r} is unavailable: {exc}")
+        return Unavailable(f"state cluster {self.cluster!r} is unavailable: {type(exc).__name__}: {exc}")
+
+
+def _follow(result: tuple[bool, Any], req: Request) -> tuple[bool, Any]:
+    """``(done, value)``: decode an ok result, raise an error result, or ask to retry a redirect."""
+    ok, payload = result
+    if ok:
+        return True, req.decode(payload)
+    if isinstance(payload, StaleShardMap):
+        return False, payload
+    if isinstance(payload, StateError):
+        raise payload
+    raise StateError(f"shard returned a malformed result: {payload!r}")
+
+
+class _ClientBase:
+    """What both clients share: the link, introspection, closing, and pickling to a small handle."""
+
+    _kind = "sync"
+
+    def __init__(self, link: ClusterLink) -> None:
+        self._link = link
+
+    @property
+    def cluster(self) -> str:
+        """The state cluster's name."""
+        return self._link.cluster
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The cluster's settings (name, shards, storage, max_value_size)."""
+        return dict(self._link.config)
+
+    @property
+    def router(self) -> Any:
+        """The router actor's handle (it exposes the same methods, for handle-only callers)."""
+        return self._link.router
+
+    @property
+    def closed(self) -> bool:
+        """True once the client was closed or its cluster shut down."""
+        return self._link.closed
+
+    def close(self) -> None:
+        """Stop using this client (the cluster keeps running); later calls raise ``Unavailable``."""
+        self._link.closed = True
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from shardstate._connect import _reattach
+
+        return (_reattach, (self._link.cluster, self._kind, self._link.timeout))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._link.config.get('shards')} shards"
+        return f"<{type(self).__name__} cluster={self.cluster!r} {state}>"
+
+
+class StateClient(_ClientBase):
+    """Synchronous client: every method blocks until the owning shard has answered.
+
+    Thread-safe. Obtain one with ``shardstate.connect()``; pass it to Ray tasks freely (it pickles to
+    the cluster's name and re-attaches on the other side).
+    """
+
+    def _run(self, req: Request) -> Any:
+        link = self._link
+        link.check_open()
+        for _ in range(MAX_REDIRECTS):
+            shard = link.current().shard_for(req.group_id)
+            try:
+                (result,) = ray.get(shard.execute.remote([req.cmd]), timeout=link.timeout)
+            except (RayError, GetTimeoutError) as exc:
+                link.check_open()
+                raise link.unavailable(exc) from exc
+            done, value = _follow(result, req)
+            if done:
+                return value
+            link.refresh()
+        raise Unavailable(f"shard map of {link.cluster!r} kept changing; gave up after {MAX_REDIRECTS} tries")
+
+    def set(self, group_id: str, key: str, value: Any) -> SetResult:
+        """Store ``value`` under ``key`` in ``group_id``; return the old and new value."""
+        return self._run(set_request(group_id, key, value, self._link.max_value_size))  # type: ignore[no-any-return]
+
+    def get(self, group_id: str, key: str) -> Any:
+        """The value of ``key`` in ``group_id``, or None if absent."""
+        return self._run(get_request(group_id, key))
+
+    def delete(self, group_id: str, key: str) -> Any:
+        """Remove ``key``; return its old value, or None if it was absent."""
+        return self._run(delete_request(group_id, key))
+
+    def list(self, group_id: str) -> builtins.list[Any]:
+        """Every value in ``group_id``, in insertion order."""
+        return self._run(list_request(group_id))  # type: ignore[no-any-return]
+
+    def items(self, group_id: str) -> builtins.list[StateItem]:
+        """Every ``StateItem(key, value)`` in ``group_id``, in insertion order."""
+        return self._run(items_request(group_id))  # type: ignore[no-any-return]
+
+    def clear(self, group_id: str) -> int:
+        """Remove every item of ``group_id``; return how many there were."""
+        return self._run(clear_request(group_id))  # type: ignore[no-any-return]
+
+    def update(self, group_id: str, key: str, ops: Sequence[Any]) -> SetResult:
+        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value."""
+        return self._run(update_request(group_id, key, ops))  # type: ignore[no-any-return]
+
+    def list_groups(self) -> builtins.list[str]:
+        """Every non-empty group of the cluster, sorted (asks every shard)."""
+        link = self._link
+        link.check_open()
+        try:
+            refs = [s.execute.remote([GROUPS_COMMAND]) for s in link.current().shards]
+            return merge_groups([r[0] for r in ray.get(refs, timeout=link.timeout)])
+        except (RayError, GetTimeoutError) as exc:
+            raise link.unavailable(exc) from exc
+
+    def shard_info(self) -> builtins.list[dict[str, Any]]:
+        """Each shard's index, pid, node and size (for operators and tests)."""
+        link = self._link
+        link.check_open()
+        try:
+            return ray.get(link.router.shard_info.remote(), timeout=link.timeout)  # type: ignore[no-any-return]
+        except (RayError, GetTimeoutError) as exc:
+            raise link.unavailable(exc) from exc
+
+    def __enter__(self) -> StateClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncStateClient(_ClientBase):
+    """Asyncio client: the same methods as :class:`StateClient`, awaitable.
+
+    Obtain one with ``await shardstate.connect_async()``. Many concurrent calls from one event loop
+    are in flight at once; calls to one shard from one client keep their order.
+    """
+
+    _kind = "async"
+
+    async def _run(self, req: Request) -> Any:
+        link = self._link
+        link.check_open()
+        view = link.view or await link.refresh_async()
+        for _ in range(MAX_REDIRECTS):
+            shard = view.shard_for(req.group_id)
+            try:
+                (result,) = await asyncio.wait_for(shard.execute.remote([req.cmd]), link.timeout)
+            except (RayError, asyncio.TimeoutError) as exc:
+                link.check_open()
+                raise link.unavailable(exc) from exc
+            done, value = _follow(result, req)
+            if done:
+                return value
+            view = await link.refresh_async()
+        raise Unavailable(f"shard map of {link.cluster!r} kept changing; gave up after {MAX_REDIRECTS} tries")
+
+    async def set(self, group_id: str, key: str, value: Any) -> SetResult:
+        """Store ``value`` under ``key`` in ``group_id``; return the old and new value."""
+        return await self._run(set_request(group_id, key, value, self._link.max_value_size))  # type: ignore[no-any-return]
+
+    async def get(self, group_id: str, key: str) -> Any:
+        """The value of ``key`` in ``group_id``, or None if absent."""
+        return await self._run(get_request(group_id, key))
+
+    async def delete(self, group_id: str, key: str) -> Any:
+        """Remove ``key``; return its old value, or None if it was absent."""
+        return await self._run(delete_request(group_id, key))
+
+    async def list(self, group_id: str) -> builtins.list[Any]:
+        """Every value in ``group_id``, in insertion order."""
+        return await self._run(list_request(group_id))  # type: ignore[no-any-return]
+
+    async def items(self, group_id: str) -> builtins.list[StateItem]:
+        """Every ``StateItem(key, value)`` in ``group_id``, in insertion order."""
+        return await self._run(items_request(group_id))  # type: ignore[no-any-return]
+
+    async def clear(self, group_id: str) -> int:
+        """Remove every item of ``group_id``; return how many there were."""
+        return await self._run(clear_request(group_id))  # type: ignore[no-any-return]
+
+    async def update(self, group_id: str, key: str, ops: Sequence[Any]) -> SetResult:
+        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value."""
+        return await self._run(update_request(group_id, key, ops))  # type: ignore[no-any-return]
+
+    async def list_groups(self) -> builtins.list[str]:
+        """Every non-empty group of the cluster, sorted (asks every shard)."""
+        link = self._link
+        link.check_open()
+        view = link.view or await link.refresh_async()
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(s.execute.remote([GROUPS_COMMAND]) for s in view.shards)), link.timeout
+            )
+        except (RayError, asyncio.TimeoutError) as exc:
+            raise link.unavailable(exc) from exc
+        return merge_groups([r[0] for r in results])
+
+    async def shard_info(self) -> builtins.list[dict[str, Any]]:
+        """Each shard's index, pid, node and size (for operators and tests)."""
+        link = self._link
+        link.check_open()
+        try:
+            return await asyncio.wait_for(link.router.shard_info.remote(), link.timeout)  # type: ignore[no-any-return]
+        except (RayError, asyncio.TimeoutError) as exc:
+            raise link.unavailable(exc) from exc
+
+    async def __aenter__(self) -> AsyncStateClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""``connect()``, ``connect_async()`` and ``shutdown()``: the entry points.
+
+Clients are cached per process and cluster, so ``connect()`` inside a Ray task or actor is cheap
+after the first call in that worker process, and a client unpickled in a task re-attaches to the
+cached link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from shardstate._client import AsyncStateClient, ClusterLink, StateClient
+from shardstate._errors import Unavailable
+from shardstate.cluster import bootstrap
+from shardstate.cluster.config import DEFAULT_CLUSTER
+
+DEFAULT_TIMEOUT = 120.0
+
+_links: dict[str, ClusterLink] = {}
+_lock = threading.Lock()
+
+
+def _link(cluster: str, settings: dict[str, Any], address: str | None, timeout: float) -> ClusterLink:
+    with _lock:
+        link = _links.get(cluster)
+        if link is not None and not link.closed and not settings:
+            return link
+        bootstrap.ensure_ray(address)
+        router, actual = bootstrap.open_cluster({"name": cluster, **settings}, timeout=timeout)
+        if link is None or link.closed:
+            link = _links[cluster] = ClusterLink(cluster, router, actual, timeout)
+        return link
+
+
+def _settings(shards: int | None, storage: str | None, max_value_size: int | None) -> dict[str, Any]:
+    given = {"shards": shards, "storage": storage, "max_value_size": max_value_size}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def connect(
+    cluster: str = DEFAULT_CLUSTER,
+    shards: int | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    *,
+    max_value_size: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> StateClient:
+    """Connect to state cluster ``cluster``, creating it if it does not exist; return a sync client.
+
+    Joins the running Ray cluster (``RAY_ADDRESS`` or the latest local one), else starts a local
+    Ray. ``shards`` (default 4), ``storage`` and ``max_value_size`` (default 16 MiB) apply when the
+    cluster is created; an existing cluster keeps its own and a differing request is reported with
+    a ``ClusterMismatchWarning``. ``timeout`` bounds every call (then ``Unavailable``).
+    """
+    return StateClient(_link(cluster, _settings(shards, storage, max_value_size), address, timeout))
+
+
+async def connect_async(
+    cluster: str = DEFAULT_CLUSTER,
+    shards: int | None = None,
+    storage: str | None = None,
+    address: str | None = None,
+    *,
+    max_value_size: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> AsyncStateClient:
+    """Like :func:`connect`, returning an :class:`AsyncStateClient` (start-up runs off the loop)."""
+    settings = _settings(shards, storage, max_value_size)
+    link = await asyncio.to_thread(_link, cluster, settings, address, timeout)
+    return AsyncStateClient(link)
+
+
+def shutdown(cluster: str = DEFAULT_CLUSTER) -> bool:
+    """Stop ``cluster``'s actors (data on disk stays). Returns False if it was not running.
+
+    Clients of that cluster in this process are closed: their calls raise ``Unavailable``. Clients
+    elsewhere get ``Unavailable`` when they next reach a stopped shard.
+    """
+    with _lock:
+        link = _links.pop(cluster, None)
+        if link is not None:
+            link.closed = True
+        return bootstrap.stop_cluster(cluster)
+
+
+def _reattach(cluster: str, kind: str, timeout: float) -> StateClient | AsyncStateClient:
+    """Unpickle a client: attach to the running cluster by name (never creates one)."""
+    with _lock:
+        link = _links.get(cluster)
+        if link is None or link.closed:
+            bootstrap.ensure_ray(None)
+            router = bootstrap.find_router(cluster)
+            if router is None:
+                raise Unavailable(f"state cluster {cluster!r} is not running")
+            link = _links[cluster] = ClusterLink(
+                cluster, router, bootstrap.cluster_settings(router, timeout), timeout
+            )
+    return AsyncStateClient(link) if kind == "async" else StateClient(link)

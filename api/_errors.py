@@ -1,0 +1,103 @@
+"""The shardstate error family.
+
+Every error a caller can see derives from :class:`StateError`::
+
+    StateError                    anything shardstate raises on purpose
+    ├── InvalidInput              *your* call was malformed: bad group/key, bad op, unpicklable value
+    │   └── ValueTooLarge         a value (or an update's result) exceeds the cluster's max value size
+    ├── UpdateError               an update's op could not apply; carries ``op_index`` and ``code``
+    ├── ConflictError             compare-and-set saw another version than expected
+    └── Unavailable               the cluster cannot be reached, was shut down, or a shard did not
+        │                         come back in time (``retriable`` is True)
+        └── StaleShardMap         internal: a shard no longer owns the group's slot; the client
+                                  refreshes its map and retries, callers normally never see it
+
+A bad call never changes state and never kills an actor: the shard turns it into this call's error.
+Errors cross actor boundaries pickled, so each class keeps its constructor arguments in ``args``
+and rebuilds from them (see ``__reduce__``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StateError(Exception):
+    """Base class of every error shardstate raises on purpose.
+
+    ``retriable`` tells whether repeating the same call later can succeed (the cluster was busy or
+    restarting) or not (the call itself is wrong).
+    """
+
+    retriable: bool = False
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.__class__, self.args)
+
+
+class InvalidInput(StateError, ValueError):
+    """The caller passed something shardstate cannot accept (a bad name, op, or value)."""
+
+
+class ValueTooLarge(InvalidInput):
+    """A value, pickled, is larger than the cluster's ``max_value_size``; nothing was stored."""
+
+    def __init__(self, message: str = "", size: int = 0, limit: int = 0) -> None:
+        StateError.__init__(self, message)
+        self.args = (message, size, limit)
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UpdateError(StateError):
+    """An ``update`` op failed; nothing was written.
+
+    ``op_index`` is the position of the failing op in the list, ``code`` one of ``bad_op``,
+    ``not_number``, ``not_object``, ``type_mismatch``, ``not_json``.
+    """
+
+    def __init__(self, message: str = "", op_index: int = 0, code: str = "bad_op") -> None:
+        StateError.__init__(self, message)
+        self.args = (message, op_index, code)
+        self.op_index = op_index
+        self.code = code
+
+    def __str__(self) -> str:
+        return f"op {self.op_index} ({self.code}): {self.message}"
+
+
+class ConflictError(StateError):
+    """A compare-and-set write found a different version than ``expected_version``."""
+
+
+class Unavailable(StateError):
+    """The state cluster cannot serve the call: unreachable, shut down, or a shard did not recover."""
+
+    retriable = True
+
+
+class StaleShardMap(Unavailable):
+    """A shard answered that it does not own the group's slot (the caller's shard map is old)."""
+
+
+#: Every public error class, for tests and ``__all__``.
+ERROR_CLASSES: tuple[type[StateError], ...] = (
+    StateError,
+    InvalidInput,
+    ValueTooLarge,
+    UpdateError,
+    ConflictError,
+    Unavailable,
+    StaleShardMap,
+)

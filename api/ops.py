@@ -1,0 +1,141 @@
+"""Atomic update ops: pydantic models in the Motia/iii wire shape, and helpers to build them.
+
+``state.update(group_id, key, ops)`` takes a list whose elements are these models or plain dicts
+of the same shape, freely mixed::
+
+    from shardstate import ops
+    state.update("merge:job-42", "result", [
+        ops.merge("fields", {"task-7": 42}),
+        ops.increment("done"),
+        {"type": "append", "path": "log", "value": "task-7"},
+    ])
+
+A path is a str (one literal first-level field: ``"a.b"`` is the field named ``a.b``; ``""`` is the
+whole value) or a list of str (nested: ``["stats", "done"]``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, TypeAdapter
+
+Path = StrictStr | list[StrictStr]
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The op as a wire dict (``path`` omitted when None)."""
+        return {k: v for k, v in self.__dict__.items() if not (k == "path" and v is None)}
+
+
+class SetOp(_Op):
+    """Set the field at ``path`` (``""``/``[]``: replace the whole value)."""
+
+    type: Literal["set"] = "set"
+    path: Path
+    value: Any = None
+
+
+class MergeOp(_Op):
+    """Shallow-merge the dict ``value`` into the value, or into the field at ``path``."""
+
+    type: Literal["merge"] = "merge"
+    path: Path | None = None
+    value: dict[str, Any]
+
+
+class IncrementOp(_Op):
+    """Add ``by`` to the number at ``path``; a missing field starts at 0."""
+
+    type: Literal["increment"] = "increment"
+    path: Path
+    by: StrictInt | StrictFloat = 1
+
+
+class DecrementOp(_Op):
+    """Subtract ``by`` from the number at ``path``; a missing field starts at 0."""
+
+    type: Literal["decrement"] = "decrement"
+    path: Path
+    by: StrictInt | StrictFloat = 1
+
+
+class AppendOp(_Op):
+    """Push ``value`` onto the list at ``path`` (or concatenate strings); missing: ``[value]``."""
+
+    type: Literal["append"] = "append"
+    path: Path | None = None
+    value: Any = None
+
+
+class RemoveOp(_Op):
+    """Remove the field at ``path``; a missing field is a no-op."""
+
+    type: Literal["remove"] = "remove"
+    path: Path
+
+
+UpdateOp = Annotated[
+    SetOp | MergeOp | IncrementOp | DecrementOp | AppendOp | RemoveOp, Field(discriminator="type")
+]
+"""Any one op, discriminated by its ``type`` field."""
+
+update_op_adapter: TypeAdapter[Any] = TypeAdapter(UpdateOp)
+
+
+def parse(data: dict[str, Any]) -> _Op:
+    """Validate a wire dict into its op model (raises pydantic's ValidationError)."""
+    return update_op_adapter.validate_python(data)  # type: ignore[no-any-return]
+
+
+def set(path: Path, value: Any) -> SetOp:  # noqa: A001 - mirrors the wire name
+    """``{"type": "set", "path": path, "value": value}``."""
+    return SetOp(path=path, value=value)
+
+
+def merge(path: Path | None, value: dict[str, Any]) -> MergeOp:
+    """``{"type": "merge", "path": path, "value": value}`` (path None: the whole value)."""
+    return MergeOp(path=path, value=value)
+
+
+def increment(path: Path, by: int | float = 1) -> IncrementOp:
+    """``{"type": "increment", "path": path, "by": by}``."""
+    return IncrementOp(path=path, by=by)
+
+
+def decrement(path: Path, by: int | float = 1) -> DecrementOp:
+    """``{"type": "decrement", "path": path, "by": by}``."""
+    return DecrementOp(path=path, by=by)
+
+
+def append(path: Path | None, value: Any) -> AppendOp:
+    """``{"type": "append", "path": path, "value": value}`` (path None: the whole value)."""
+    return AppendOp(path=path, value=value)
+
+
+def remove(path: Path) -> RemoveOp:
+    """``{"type": "remove", "path": path}``."""
+    return RemoveOp(path=path)
+
+
+__all__ = [
+    "AppendOp",
+    "DecrementOp",
+    "IncrementOp",
+    "MergeOp",
+    "Path",
+    "RemoveOp",
+    "SetOp",
+    "UpdateOp",
+    "append",
+    "decrement",
+    "increment",
+    "merge",
+    "parse",
+    "remove",
+    "set",
+    "update_op_adapter",
+]

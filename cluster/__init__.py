@@ -1,0 +1,1 @@
+"""The cluster side: slot map, router actor, and bootstrap (create-or-attach, shutdown)."""

@@ -1,0 +1,96 @@
+"""Starting, finding and stopping a state cluster on Ray.
+
+``ensure_ray`` joins the running Ray cluster or starts a local one; ``open_cluster`` creates the named
+cluster's router (which creates the shards) or attaches to the existing one, atomically through Ray's
+``get_if_exists``; ``stop_cluster`` kills its actors. All actors live in the :data:`NAMESPACE`
+namespace, detached, so they outlive the driver that created them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import ray
+
+from shardstate._errors import Unavailable
+from shardstate.cluster.config import NAMESPACE, ClusterConfig, router_name
+from shardstate.cluster.router import router_actor_class
+
+
+class ClusterMismatchWarning(UserWarning):
+    """``connect()`` asked for settings that differ from the existing cluster's (which win)."""
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Make sure this process is connected to Ray.
+
+    With ``address=None``: join the cluster named by ``RAY_ADDRESS`` or the latest local one, else
+    start a local Ray instance (the embedded default). Raises :class:`Unavailable` if it cannot.
+    """
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, ignore_reinit_error=True)
+    except Exception as exc:  # ConnectionError, RuntimeError, TimeoutError...
+        raise Unavailable(f"cannot reach or start Ray (address={address!r}): {exc}") from exc
+
+
+def find_router(cluster: str) -> Any | None:
+    """The router handle of ``cluster``, or None if no such cluster is running."""
+    try:
+        return ray.get_actor(router_name(cluster), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[Any, dict[str, Any]]:
+    """Create-or-attach the cluster described by ``requested`` (its ``name`` plus explicit settings).
+
+    Returns ``(router handle, the cluster's actual settings)``. Settings the caller gave that differ
+    from an existing cluster's are reported with a :class:`ClusterMismatchWarning`; the existing
+    cluster keeps its own.
+    """
+    config = ClusterConfig(**requested)  # checks the values even when attaching
+    try:
+        router = router_actor_class.options(
+            name=config.router_name(),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            max_restarts=-1,
+        ).remote(config.to_dict())
+        actual: dict[str, Any] = ray.get(router.ready.remote(), timeout=timeout)
+    except Exception as exc:
+        raise Unavailable(f"state cluster {config.name!r} did not start: {exc}") from exc
+    for field, value in requested.items():
+        if actual.get(field) != value:
+            warnings.warn(
+                f"state cluster {config.name!r} already exists with {field}={actual.get(field)!r}; "
+                f"ignoring {field}={value!r}",
+                ClusterMismatchWarning,
+                stacklevel=3,
+            )
+    return router, actual
+
+
+def stop_cluster(cluster: str, *, timeout: float = 60.0) -> bool:
+    """Kill ``cluster``'s shard actors and router. Returns False if it was not running."""
+    if not ray.is_initialized():
+        return False
+    router = find_router(cluster)
+    if router is None:
+        return False
+    try:
+        ray.get(router.shutdown.remote(), timeout=timeout)
+    finally:
+        ray.kill(router, no_restart=True)
+    return True
+
+
+def cluster_settings(router: Any, timeout: float = 120.0) -> dict[str, Any]:
+    """The settings of the cluster behind ``router`` (waits until its shards answer)."""
+    try:
+        return ray.get(router.ready.remote(), timeout=timeout)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise Unavailable(f"state cluster did not answer: {exc}") from exc

@@ -1,0 +1,61 @@
+"""The settings of one state cluster, fixed when it is created and shared by all its parts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from shardstate._errors import InvalidInput
+from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
+
+#: The Ray namespace every shardstate actor lives in, whatever the caller's namespace.
+NAMESPACE = "shardstate"
+DEFAULT_CLUSTER = "default"
+DEFAULT_SHARDS = 4
+DEFAULT_STORAGE = "~/.shardstate"
+
+_CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Name, shard count, storage root and value-size limit of a state cluster."""
+
+    name: str = DEFAULT_CLUSTER
+    shards: int = DEFAULT_SHARDS
+    storage: str = DEFAULT_STORAGE
+    max_value_size: int = DEFAULT_MAX_VALUE_SIZE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _CLUSTER_NAME.match(self.name):
+            raise InvalidInput(
+                f"cluster name must match {_CLUSTER_NAME.pattern} (letters, digits, _ . -), got {self.name!r}"
+            )
+        if not isinstance(self.shards, int) or isinstance(self.shards, bool) or not 1 <= self.shards <= 1024:
+            raise InvalidInput(f"shards must be an int from 1 to 1024, got {self.shards!r}")
+        if not isinstance(self.storage, str) or not self.storage:
+            raise InvalidInput(f"storage must be a non-empty str, got {self.storage!r}")
+        if (
+            not isinstance(self.max_value_size, int)
+            or isinstance(self.max_value_size, bool)
+            or self.max_value_size < 1
+        ):
+            raise InvalidInput(f"max_value_size must be a positive int, got {self.max_value_size!r}")
+
+    def router_name(self) -> str:
+        """The Ray actor name of this cluster's router."""
+        return router_name(self.name)
+
+    def shard_name(self, index: int) -> str:
+        """The Ray actor name of shard ``index``."""
+        return f"{self.name}:shard:{index}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict."""
+        return asdict(self)
+
+
+def router_name(cluster: str) -> str:
+    """The Ray actor name of cluster ``cluster``'s router."""
+    return f"{cluster}:router"

@@ -1,0 +1,199 @@
+"""Atomic update ops as pure functions on Python values (no Ray, no I/O).
+
+An op arrives in the Motia/iii wire shape (a dict such as ``{"type": "increment", "path": "count",
+"by": 1}``). :func:`parse_op` checks it and turns it into an :class:`Op`; :func:`apply_ops` applies a
+list of them to a value, all or nothing: it works on a private copy and raises
+:class:`~shardstate.UpdateError` (with the failing op's index and a code) without touching the input.
+
+Paths: a string is one literal first-level field (``"a.b"`` is the field named ``a.b``; ``""`` is
+the whole value); a list of strings is a nested path (``["stats", "done"]``; ``[]`` is the whole value).
+Missing intermediate dicts are created. A missing key starts as ``{}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+from shardstate._errors import UpdateError
+
+OP_TYPES = frozenset({"set", "merge", "increment", "decrement", "append", "remove"})
+
+# Codes carried by UpdateError.code
+BAD_OP = "bad_op"  # the op itself is malformed
+NOT_NUMBER = "not_number"  # increment/decrement of something that is not a number
+NOT_OBJECT = "not_object"  # a dict was needed (path step, merge target or merge value) and not found
+TYPE_MISMATCH = "type_mismatch"  # append to something that is neither a list nor a str, or str + non-str
+NOT_JSON = "not_json"  # a value the op writes is not JSON-like
+
+#: The longest list path an op may have.
+MAX_PATH_DEPTH = 64
+
+_MISSING: Any = object()
+
+
+class Op(NamedTuple):
+    """A checked op: ``kind`` in :data:`OP_TYPES`, ``path`` as a tuple of fields, ``arg`` its operand."""
+
+    kind: str
+    path: tuple[str, ...]
+    arg: Any
+
+
+def is_json_like(value: Any, _depth: int = 0) -> bool:
+    """True if ``value`` is built only of dict (str keys), list, str, int, float, bool and None."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return True
+    if _depth > 200:
+        return False
+    if isinstance(value, list):
+        return all(is_json_like(v, _depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_json_like(v, _depth + 1) for k, v in value.items())
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _parse_path(raw: Any, index: int, required: bool) -> tuple[str, ...]:
+    if raw is None:
+        if required:
+            raise UpdateError("missing 'path'", index, BAD_OP)
+        return ()
+    if isinstance(raw, str):
+        return (raw,) if raw else ()
+    if isinstance(raw, (list, tuple)) and all(isinstance(p, str) for p in raw):
+        if len(raw) > MAX_PATH_DEPTH:
+            raise UpdateError(f"'path' is deeper than {MAX_PATH_DEPTH} fields", index, BAD_OP)
+        return tuple(raw)
+    raise UpdateError(f"'path' must be a str or a list of str, got {raw!r}", index, BAD_OP)
+
+
+def parse_op(raw: Any, index: int = 0) -> Op:
+    """Check one wire-shape op (a mapping) and return it as an :class:`Op`.
+
+    Raises :class:`UpdateError` with code ``bad_op`` (or ``not_json``/``not_object`` for its operand).
+    """
+    if isinstance(raw, Op):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise UpdateError(f"an op must be a dict or an UpdateOp, got {type(raw).__name__}", index, BAD_OP)
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind not in OP_TYPES:
+        raise UpdateError(f"unknown op type {kind!r} (one of {sorted(OP_TYPES)})", index, BAD_OP)
+    allowed = {"type", "path"} | ({"by"} if kind in ("increment", "decrement") else set())
+    allowed |= {"value"} if kind in ("set", "merge", "append") else set()
+    extra = set(raw) - allowed
+    if extra:
+        raise UpdateError(f"unexpected field(s) {sorted(map(repr, extra))} for op {kind!r}", index, BAD_OP)
+    path = _parse_path(raw.get("path"), index, required=kind in ("set", "increment", "decrement", "remove"))
+    if kind in ("increment", "decrement"):
+        by = raw.get("by", 1)
+        if not _is_number(by) or (isinstance(by, float) and not math.isfinite(by)):
+            raise UpdateError(f"'by' must be a finite int or float, got {by!r}", index, BAD_OP)
+        return Op(kind, path, by)
+    if kind == "remove":
+        if not path:
+            raise UpdateError("'remove' needs a non-empty path", index, BAD_OP)
+        return Op(kind, path, None)
+    if "value" not in raw:
+        raise UpdateError(f"op {kind!r} needs a 'value'", index, BAD_OP)
+    value = raw["value"]
+    if not is_json_like(value):
+        raise UpdateError(f"op {kind!r}: value is not JSON-like: {type(value).__name__}", index, NOT_JSON)
+    if kind == "merge" and not isinstance(value, dict):
+        raise UpdateError(f"'merge' needs a dict value, got {type(value).__name__}", index, NOT_OBJECT)
+    return Op(kind, path, value)
+
+
+def parse_ops(raw_ops: Any) -> list[Op]:
+    """Check a whole op list (must be a non-empty list/tuple); see :func:`parse_op`."""
+    if isinstance(raw_ops, (str, bytes, Mapping)) or not isinstance(raw_ops, Sequence):
+        raise UpdateError(f"ops must be a list of ops, got {type(raw_ops).__name__}", 0, BAD_OP)
+    if not raw_ops:
+        raise UpdateError("ops must not be empty", 0, BAD_OP)
+    return [parse_op(op, i) for i, op in enumerate(raw_ops)]
+
+
+def _combine(kind: str, current: Any, arg: Any, index: int) -> Any:
+    """The new value of one target: ``current`` (or ``_MISSING``) combined with the op's operand.
+
+    Never mutates ``current``: containers are rebuilt, so objects shared with the old value (or
+    with each other) stay untouched.
+    """
+    if kind == "set":
+        return arg
+    if kind in ("increment", "decrement"):
+        base = 0 if current is _MISSING else current
+        if not _is_number(base):
+            raise UpdateError(f"cannot {kind} a {type(base).__name__}", index, NOT_NUMBER)
+        try:
+            return base + arg if kind == "increment" else base - arg
+        except OverflowError:  # float + an int too large for a float
+            raise UpdateError(f"{kind} by {arg!r} overflows", index, NOT_NUMBER) from None
+    if kind == "merge":
+        if current is _MISSING:
+            return dict(arg)
+        if not isinstance(current, dict):
+            raise UpdateError(f"cannot merge into a {type(current).__name__}", index, NOT_OBJECT)
+        return {**current, **arg}
+    # append
+    if current is _MISSING:
+        return arg if isinstance(arg, str) else [arg]
+    if isinstance(current, list):
+        return [*current, arg]
+    if isinstance(current, str):
+        if not isinstance(arg, str):
+            raise UpdateError(f"cannot append a {type(arg).__name__} to a str", index, TYPE_MISMATCH)
+        return current + arg
+    raise UpdateError(f"cannot append to a {type(current).__name__}", index, TYPE_MISMATCH)
+
+
+def _rebuild(node: Any, op: Op, depth: int, index: int) -> Any:
+    """``node`` with the op applied at ``op.path[depth:]``: dicts on the path are copied, not changed."""
+    if depth == len(op.path):
+        return _combine(op.kind, node, op.arg, index)
+    if node is _MISSING:
+        if op.kind == "remove" and depth > 0:  # nothing to remove below a missing field
+            return _MISSING
+        node = {}  # a missing key (depth 0) or field starts as {}
+    elif not isinstance(node, dict):
+        if depth == 0:
+            raise UpdateError(f"the value is a {type(node).__name__}, not a dict", index, NOT_OBJECT)
+        where = ".".join(op.path[:depth])
+        raise UpdateError(f"path goes through {where!r}, a {type(node).__name__}", index, NOT_OBJECT)
+    field = op.path[depth]
+    if op.kind == "remove" and depth == len(op.path) - 1:
+        if field not in node:
+            return node
+        return {k: v for k, v in node.items() if k != field}
+    child = _rebuild(node.get(field, _MISSING), op, depth + 1, index)
+    if child is _MISSING:  # a remove below a missing field: nothing to do
+        return node
+    return {**node, field: child}
+
+
+def apply_op(root: Any, op: Op, index: int = 0) -> Any:
+    """Apply one op to ``root`` and return the new root (``root`` itself is never changed)."""
+    if not op.path and op.kind == "remove":  # parse_op forbids it; kept for Op built by hand
+        raise UpdateError("'remove' needs a non-empty path", index, BAD_OP)
+    return _rebuild(root, op, 0, index)
+
+
+def apply_ops(value: Any, ops: Sequence[Any], *, exists: bool = True) -> Any:
+    """Apply ``ops`` in order to ``value`` and return the new value, all or nothing.
+
+    ``value`` is never changed (every op rebuilds the containers on its path), so a failing op
+    leaves nothing behind: :class:`UpdateError` carries its index and code. ``exists=False`` means
+    the key is missing (``value`` is ignored and the ops start from ``{}``; root-level
+    ``increment``/``append`` then start from 0 / an empty list, like a missing field).
+    """
+    root: Any = value if exists else _MISSING
+    for index, op in enumerate(parse_ops(ops)):
+        root = apply_op(root, op, index)
+    return {} if root is _MISSING else root

@@ -1,0 +1,115 @@
+"""Bad input gets a typed error, changes nothing, and kills no actor."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import pytest
+import ray
+
+import shardstate
+from shardstate import InvalidInput, Unavailable, UpdateError, ValueTooLarge, ops
+from shardstate.shards import commands as C
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def shard_pids(state: shardstate.StateClient) -> list[int]:
+    return [info["pid"] for info in state.shard_info()]
+
+
+BAD_CALLS: list[tuple[str, Any, type[Exception]]] = [
+    ("empty group", lambda s, g: s.set("", "k", 1), InvalidInput),
+    ("int group", lambda s, g: s.get(7, "k"), InvalidInput),
+    ("None key", lambda s, g: s.set(g, None, 1), InvalidInput),
+    ("empty key", lambda s, g: s.delete(g, ""), InvalidInput),
+    ("NUL key", lambda s, g: s.set(g, "a\x00b", 1), InvalidInput),
+    ("oversized group", lambda s, g: s.list("g" * 513), InvalidInput),
+    ("oversized key", lambda s, g: s.update(g, "é" * 257, [ops.increment("n")]), InvalidInput),
+    ("unknown op", lambda s, g: s.update(g, "doc", [{"type": "explode", "path": "n"}]), UpdateError),
+    ("ops not a list", lambda s, g: s.update(g, "doc", {"type": "increment", "path": "n"}), UpdateError),
+    ("merge a non-dict", lambda s, g: s.update(g, "doc", [{"type": "merge", "value": [1]}]), UpdateError),
+    ("increment a string", lambda s, g: s.update(g, "doc", [ops.increment("name")]), UpdateError),
+    ("unpicklable value", lambda s, g: s.set(g, "doc", threading.Lock()), InvalidInput),
+]
+
+
+@pytest.mark.parametrize(("label", "call", "error"), BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_is_typed_and_harmless(
+    state: shardstate.StateClient, group: str, label: str, call: Any, error: type[Exception]
+) -> None:
+    state.set(group, "doc", {"n": 1, "name": "x"})
+    pids = shard_pids(state)
+    with pytest.raises(error):
+        call(state, group)
+    assert state.items(group) == [shardstate.StateItem(key="doc", value={"n": 1, "name": "x"})]
+    assert shard_pids(state) == pids  # no shard died or restarted
+    assert state.update(group, "doc", [ops.increment("n")]).new_value["n"] == 2  # still serving
+
+
+def test_too_large_value_and_update_result() -> None:
+    name = f"small-{uuid.uuid4().hex[:6]}"
+    small = shardstate.connect(cluster=name, shards=1, max_value_size=1024)
+    try:
+        with pytest.raises(ValueTooLarge) as err:
+            small.set("g", "big", "x" * 2000)
+        assert err.value.limit == 1024
+        assert err.value.size > 1024
+        small.set("g", "doc", {"s": "x" * 600})
+        with pytest.raises(ValueTooLarge):  # the update's result is too large: checked by the shard
+            small.update("g", "doc", [ops.append("s", "y" * 600)])
+        assert small.get("g", "doc") == {"s": "x" * 600}
+        assert small.get("g", "big") is None
+    finally:
+        shardstate.shutdown(name)
+
+
+def test_garbage_sent_straight_to_a_shard(state: shardstate.StateClient, group: str) -> None:
+    shard = state._link.current().shard_for(group)
+    state.set(group, "k", 1)
+    garbage = [
+        "not a tuple",
+        ("set",),
+        ("nope", group, "k", None, None),
+        (C.SET, group, "k", {"not": "bytes"}, None),
+        (C.UPDATE, group, "k", "ops?", None),
+        (C.GET, None, "k", None, None),
+        (C.GET, group, "k", None, None),
+    ]
+    results = ray.get(shard.execute.remote(garbage))
+    assert [ok for ok, _ in results] == [False] * 6 + [True]
+    assert all(isinstance(err, shardstate.StateError) for _, err in results[:6])
+    assert ray.get(shard.execute.remote("not a batch"))[0][0] is False
+    assert state.get(group, "k") == 1
+
+
+def test_router_survives_bad_calls(state: shardstate.StateClient, group: str) -> None:
+    with pytest.raises(InvalidInput):
+        ray.get(state.router.set.remote("", "k", 1))
+    with pytest.raises(UpdateError):
+        ray.get(state.router.update.remote(group, "k", "garbage"))
+    assert ray.get(state.router.get.remote(group, "missing")) is None
+
+
+def test_calls_after_shutdown_raise_unavailable() -> None:
+    name = f"gone-{uuid.uuid4().hex[:6]}"
+    doomed = shardstate.connect(cluster=name, shards=2)
+    doomed.set("g", "k", 1)
+    shard = doomed._link.current().shards[0]
+    assert shardstate.shutdown(name) is True
+    with pytest.raises(Unavailable):
+        doomed.get("g", "k")
+    with pytest.raises(Unavailable):
+        doomed.list_groups()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(shard.ping.remote(), timeout=30)  # the actors are really gone
+    assert shardstate.shutdown(name) is False
+    # a client whose link was not closed locally (e.g. in another process) also gets Unavailable
+    again = shardstate.connect(cluster=name, shards=1)
+    stale = shardstate.StateClient(again._link.__class__(name, again.router, again.config, 10.0))
+    stale._link.refresh()
+    assert shardstate.shutdown(name) is True
+    with pytest.raises(Unavailable):
+        stale.get("g", "k")
