@@ -21,8 +21,10 @@ test: $(VENV)/.installed  ## lint + the whole test suite
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-bench: $(VENV)/.installed  ## latency of one op through the client vs a raw Ray actor call
-	$(PY) bench/latency.py
+bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/results/
+	$(PY) -m bench.latency
+	$(PY) -m bench.durability
+	$(PY) -m bench.recovery
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis bench/results

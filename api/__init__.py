@@ -25,7 +25,8 @@ from shardstate._errors import (
     UpdateError,
     ValueTooLarge,
 )
-from shardstate._models import SetResult, StateItem
+from shardstate._models import Entry, SetResult, StateItem
+from shardstate._transfer import export, import_
 from shardstate.cluster.bootstrap import ClusterMismatchWarning
 from shardstate.ops import UpdateOp
 
@@ -35,6 +36,7 @@ __all__ = [
     "AsyncStateClient",
     "ClusterMismatchWarning",
     "ConflictError",
+    "Entry",
     "InvalidInput",
     "SetResult",
     "StateClient",
@@ -47,6 +49,8 @@ __all__ = [
     "__version__",
     "connect",
     "connect_async",
+    "export",
+    "import_",
     "ops",
     "shutdown",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -18,12 +19,13 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate._errors import StaleShardMap, StateError, Unavailable
-from shardstate._models import SetResult, StateItem
+from shardstate._models import Entry, SetResult, StateItem
 from shardstate._requests import (
     GROUPS_COMMAND,
     Request,
     clear_request,
     delete_request,
+    entry_request,
     get_request,
     items_request,
     list_request,
@@ -31,6 +33,7 @@ from shardstate._requests import (
     set_request,
     update_request,
 )
+from shardstate.cluster.bootstrap import find_router
 from shardstate.cluster.slots import slot_of
 
 #: How many times a call follows a "stale shard map" answer before giving up.
@@ -52,11 +55,14 @@ class ShardView(NamedTuple):
 class ClusterLink:
     """One process's connection to one state cluster: router handle, settings, cached shard map."""
 
-    def __init__(self, cluster: str, router: Any, config: dict[str, Any], timeout: float) -> None:
+    def __init__(
+        self, cluster: str, router: Any, config: dict[str, Any], timeout: float, retry_timeout: float = 60.0
+    ) -> None:
         self.cluster = cluster
         self.router = router
         self.config = config
         self.timeout = timeout
+        self.retry_timeout = retry_timeout
         self.max_value_size: int = config["max_value_size"]
         self.closed = False
         self._lock = threading.Lock()
@@ -102,6 +108,34 @@ class ClusterLink:
         if isinstance(exc, RayActorError):
             return Unavailable(f"a shard of state cluster {self.cluster!r} is unavailable: {exc}")
         return Unavailable(f"state cluster {self.cluster!r} is unavailable: {type(exc).__name__}: {exc}")
+
+
+class Backoff:
+    """Retries of a call whose shard died mid-call (it restarts from storage): bounded, with backoff.
+
+    Writes carry an op_id (the caller's or an automatic one), so a retry of a write that did commit
+    before the crash returns the first result instead of applying it twice.
+    """
+
+    def __init__(self, link: ClusterLink) -> None:
+        self.link = link
+        self.deadline = time.monotonic() + link.retry_timeout
+        self.delay = 0.02
+
+    def next_delay(self, exc: BaseException) -> float:
+        """Seconds to wait before the next try; raises :class:`Unavailable` when it is no use."""
+        link = self.link
+        link.check_open()
+        if time.monotonic() + self.delay > self.deadline:
+            raise Unavailable(
+                f"a shard of state cluster {link.cluster!r} did not come back within "
+                f"{link.retry_timeout}s: {exc}"
+            ) from exc
+        if find_router(link.cluster) is None:
+            link.closed = True
+            raise Unavailable(f"state cluster {link.cluster!r} is not running (shut down?)") from exc
+        delay, self.delay = self.delay, min(self.delay * 2, 1.0)
+        return delay
 
 
 def _follow(result: tuple[bool, Any], req: Request) -> tuple[bool, Any]:
@@ -151,7 +185,7 @@ class _ClientBase:
     def __reduce__(self) -> tuple[Any, ...]:
         from shardstate._connect import _reattach
 
-        return (_reattach, (self._link.cluster, self._kind, self._link.timeout))
+        return (_reattach, (self._link.cluster, self._kind, self._link.timeout, self._link.retry_timeout))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._link.config.get('shards')} shards"
@@ -168,30 +202,104 @@ class StateClient(_ClientBase):
     def _run(self, req: Request) -> Any:
         link = self._link
         link.check_open()
-        for _ in range(MAX_REDIRECTS):
+        backoff: Backoff | None = None
+        redirects = 0
+        while True:
             shard = link.current().shard_for(req.group_id)
             try:
                 (result,) = ray.get(shard.execute.remote([req.cmd]), timeout=link.timeout)
+            except RayActorError as exc:  # the shard died mid-call: it restarts from storage
+                backoff = backoff or Backoff(link)
+                time.sleep(backoff.next_delay(exc))
+                continue
             except (RayError, GetTimeoutError) as exc:
                 link.check_open()
                 raise link.unavailable(exc) from exc
             done, value = _follow(result, req)
             if done:
                 return value
+            redirects += 1
+            if redirects >= MAX_REDIRECTS:
+                raise Unavailable(
+                    f"shard map of {link.cluster!r} kept changing; gave up after {redirects} tries"
+                )
             link.refresh()
-        raise Unavailable(f"shard map of {link.cluster!r} kept changing; gave up after {MAX_REDIRECTS} tries")
 
-    def set(self, group_id: str, key: str, value: Any) -> SetResult:
-        """Store ``value`` under ``key`` in ``group_id``; return the old and new value."""
-        return self._run(set_request(group_id, key, value, self._link.max_value_size))  # type: ignore[no-any-return]
+    def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        link = self._link
+        link.check_open()
+        view = link.current()
+        by_shard: dict[int, builtins.list[int]] = {}
+        for i, req in enumerate(reqs):
+            by_shard.setdefault(view.owners[slot_of(req.group_id)], []).append(i)
+        out: builtins.list[tuple[bool, Any]] = [(False, None)] * len(reqs)
+        backoff: Backoff | None = None
+        pending = by_shard
+        while pending:
+            refs = {
+                s: view.shards[s].execute.remote([reqs[i].cmd for i in idx]) for s, idx in pending.items()
+            }
+            failed: dict[int, builtins.list[int]] = {}
+            for s, ref in refs.items():
+                try:
+                    results = ray.get(ref, timeout=link.timeout)
+                except RayActorError as exc:
+                    backoff = backoff or Backoff(link)
+                    time.sleep(backoff.next_delay(exc))
+                    failed[s] = pending[s]
+                    continue
+                except (RayError, GetTimeoutError) as exc:
+                    raise link.unavailable(exc) from exc
+                for i, result in zip(pending[s], results, strict=True):
+                    try:
+                        done, value = _follow(result, reqs[i])
+                        out[i] = (True, value) if done else (True, self._run(reqs[i]))
+                    except StateError as exc:
+                        out[i] = (False, exc)
+            pending = failed
+        return out
+
+    def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        expected_version: int | None = None,
+        op_id: str | None = None,
+    ) -> SetResult:
+        """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
+
+        ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
+        with the same op_id returns the first call's result and writes nothing again.
+        """
+        req = set_request(
+            group_id,
+            key,
+            value,
+            self._link.max_value_size,
+            op_id=op_id,
+            ttl=ttl,
+            expected_version=expected_version,
+        )
+        return self._run(req)  # type: ignore[no-any-return]
 
     def get(self, group_id: str, key: str) -> Any:
         """The value of ``key`` in ``group_id``, or None if absent."""
         return self._run(get_request(group_id, key))
 
-    def delete(self, group_id: str, key: str) -> Any:
-        """Remove ``key``; return its old value, or None if it was absent."""
-        return self._run(delete_request(group_id, key))
+    def get_entry(self, group_id: str, key: str) -> Entry | None:
+        """The value of ``key`` with its version and times, or None if absent."""
+        return self._run(entry_request(group_id, key))  # type: ignore[no-any-return]
+
+    def delete(
+        self, group_id: str, key: str, *, expected_version: int | None = None, op_id: str | None = None
+    ) -> Any:
+        """Remove ``key``; return its old value, or None if it was absent (options as for ``set``)."""
+        return self._run(delete_request(group_id, key, op_id=op_id, expected_version=expected_version))
 
     def list(self, group_id: str) -> builtins.list[Any]:
         """Every value in ``group_id``, in insertion order."""
@@ -205,9 +313,22 @@ class StateClient(_ClientBase):
         """Remove every item of ``group_id``; return how many there were."""
         return self._run(clear_request(group_id))  # type: ignore[no-any-return]
 
-    def update(self, group_id: str, key: str, ops: Sequence[Any]) -> SetResult:
-        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value."""
-        return self._run(update_request(group_id, key, ops))  # type: ignore[no-any-return]
+    def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = None,
+        expected_version: int | None = None,
+        op_id: str | None = None,
+    ) -> SetResult:
+        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value.
+
+        Options as for ``set``; without ``ttl`` an entry keeps the expiry it had.
+        """
+        req = update_request(group_id, key, ops, op_id=op_id, ttl=ttl, expected_version=expected_version)
+        return self._run(req)  # type: ignore[no-any-return]
 
     def list_groups(self) -> builtins.list[str]:
         """Every non-empty group of the cluster, sorted (asks every shard)."""
@@ -248,30 +369,69 @@ class AsyncStateClient(_ClientBase):
         link = self._link
         link.check_open()
         view = link.view or await link.refresh_async()
-        for _ in range(MAX_REDIRECTS):
+        backoff: Backoff | None = None
+        redirects = 0
+        while True:
             shard = view.shard_for(req.group_id)
             try:
                 (result,) = await asyncio.wait_for(shard.execute.remote([req.cmd]), link.timeout)
+            except RayActorError as exc:  # the shard died mid-call: it restarts from storage
+                backoff = backoff or Backoff(link)
+                await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, exc))
+                continue
             except (RayError, asyncio.TimeoutError) as exc:
                 link.check_open()
                 raise link.unavailable(exc) from exc
             done, value = _follow(result, req)
             if done:
                 return value
+            redirects += 1
+            if redirects >= MAX_REDIRECTS:
+                raise Unavailable(
+                    f"shard map of {link.cluster!r} kept changing; gave up after {redirects} tries"
+                )
             view = await link.refresh_async()
-        raise Unavailable(f"shard map of {link.cluster!r} kept changing; gave up after {MAX_REDIRECTS} tries")
 
-    async def set(self, group_id: str, key: str, value: Any) -> SetResult:
-        """Store ``value`` under ``key`` in ``group_id``; return the old and new value."""
-        return await self._run(set_request(group_id, key, value, self._link.max_value_size))  # type: ignore[no-any-return]
+    async def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        expected_version: int | None = None,
+        op_id: str | None = None,
+    ) -> SetResult:
+        """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
+
+        ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
+        with the same op_id returns the first call's result and writes nothing again.
+        """
+        req = set_request(
+            group_id,
+            key,
+            value,
+            self._link.max_value_size,
+            op_id=op_id,
+            ttl=ttl,
+            expected_version=expected_version,
+        )
+        return await self._run(req)  # type: ignore[no-any-return]
 
     async def get(self, group_id: str, key: str) -> Any:
         """The value of ``key`` in ``group_id``, or None if absent."""
         return await self._run(get_request(group_id, key))
 
-    async def delete(self, group_id: str, key: str) -> Any:
-        """Remove ``key``; return its old value, or None if it was absent."""
-        return await self._run(delete_request(group_id, key))
+    async def get_entry(self, group_id: str, key: str) -> Entry | None:
+        """The value of ``key`` with its version and times, or None if absent."""
+        return await self._run(entry_request(group_id, key))  # type: ignore[no-any-return]
+
+    async def delete(
+        self, group_id: str, key: str, *, expected_version: int | None = None, op_id: str | None = None
+    ) -> Any:
+        """Remove ``key``; return its old value, or None if it was absent (options as for ``set``)."""
+        return await self._run(delete_request(group_id, key, op_id=op_id, expected_version=expected_version))
 
     async def list(self, group_id: str) -> builtins.list[Any]:
         """Every value in ``group_id``, in insertion order."""
@@ -285,9 +445,22 @@ class AsyncStateClient(_ClientBase):
         """Remove every item of ``group_id``; return how many there were."""
         return await self._run(clear_request(group_id))  # type: ignore[no-any-return]
 
-    async def update(self, group_id: str, key: str, ops: Sequence[Any]) -> SetResult:
-        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value."""
-        return await self._run(update_request(group_id, key, ops))  # type: ignore[no-any-return]
+    async def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = None,
+        expected_version: int | None = None,
+        op_id: str | None = None,
+    ) -> SetResult:
+        """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value.
+
+        Options as for ``set``; without ``ttl`` an entry keeps the expiry it had.
+        """
+        req = update_request(group_id, key, ops, op_id=op_id, ttl=ttl, expected_version=expected_version)
+        return await self._run(req)  # type: ignore[no-any-return]
 
     async def list_groups(self) -> builtins.list[str]:
         """Every non-empty group of the cluster, sorted (asks every shard)."""

@@ -17,12 +17,15 @@ from shardstate.cluster import bootstrap
 from shardstate.cluster.config import DEFAULT_CLUSTER
 
 DEFAULT_TIMEOUT = 120.0
+DEFAULT_RETRY_TIMEOUT = 60.0
 
 _links: dict[str, ClusterLink] = {}
 _lock = threading.Lock()
 
 
-def _link(cluster: str, settings: dict[str, Any], address: str | None, timeout: float) -> ClusterLink:
+def _link(
+    cluster: str, settings: dict[str, Any], address: str | None, timeout: float, retry_timeout: float
+) -> ClusterLink:
     with _lock:
         link = _links.get(cluster)
         if link is not None and not link.closed and not settings:
@@ -30,12 +33,11 @@ def _link(cluster: str, settings: dict[str, Any], address: str | None, timeout: 
         bootstrap.ensure_ray(address)
         router, actual = bootstrap.open_cluster({"name": cluster, **settings}, timeout=timeout)
         if link is None or link.closed:
-            link = _links[cluster] = ClusterLink(cluster, router, actual, timeout)
+            link = _links[cluster] = ClusterLink(cluster, router, actual, timeout, retry_timeout)
         return link
 
 
-def _settings(shards: int | None, storage: str | None, max_value_size: int | None) -> dict[str, Any]:
-    given = {"shards": shards, "storage": storage, "max_value_size": max_value_size}
+def _settings(**given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -45,17 +47,30 @@ def connect(
     storage: str | None = None,
     address: str | None = None,
     *,
+    durability: str | None = None,
     max_value_size: int | None = None,
+    op_retention: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
 ) -> StateClient:
     """Connect to state cluster ``cluster``, creating it if it does not exist; return a sync client.
 
     Joins the running Ray cluster (``RAY_ADDRESS`` or the latest local one), else starts a local
-    Ray. ``shards`` (default 4), ``storage`` and ``max_value_size`` (default 16 MiB) apply when the
-    cluster is created; an existing cluster keeps its own and a differing request is reported with
-    a ``ClusterMismatchWarning``. ``timeout`` bounds every call (then ``Unavailable``).
+    Ray. ``shards`` (default 4), ``storage`` (default ``~/.shardstate``; files under
+    ``<storage>/<cluster>/``), ``durability`` (``"os"`` default, ``"fsync"``, ``"memory"``),
+    ``max_value_size`` (default 16 MiB) and ``op_retention`` (default 24 h) apply when the cluster
+    is created; an existing cluster keeps its own (also across restarts: they are stored with it) and
+    a differing request is reported with a ``ClusterMismatchWarning``. ``timeout`` bounds every call;
+    ``retry_timeout`` bounds retries while a shard restarts (then ``Unavailable``).
     """
-    return StateClient(_link(cluster, _settings(shards, storage, max_value_size), address, timeout))
+    settings = _settings(
+        shards=shards,
+        storage=storage,
+        durability=durability,
+        max_value_size=max_value_size,
+        op_retention=op_retention,
+    )
+    return StateClient(_link(cluster, settings, address, timeout, retry_timeout))
 
 
 async def connect_async(
@@ -64,12 +79,21 @@ async def connect_async(
     storage: str | None = None,
     address: str | None = None,
     *,
+    durability: str | None = None,
     max_value_size: int | None = None,
+    op_retention: float | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
 ) -> AsyncStateClient:
     """Like :func:`connect`, returning an :class:`AsyncStateClient` (start-up runs off the loop)."""
-    settings = _settings(shards, storage, max_value_size)
-    link = await asyncio.to_thread(_link, cluster, settings, address, timeout)
+    settings = _settings(
+        shards=shards,
+        storage=storage,
+        durability=durability,
+        max_value_size=max_value_size,
+        op_retention=op_retention,
+    )
+    link = await asyncio.to_thread(_link, cluster, settings, address, timeout, retry_timeout)
     return AsyncStateClient(link)
 
 
@@ -86,7 +110,9 @@ def shutdown(cluster: str = DEFAULT_CLUSTER) -> bool:
         return bootstrap.stop_cluster(cluster)
 
 
-def _reattach(cluster: str, kind: str, timeout: float) -> StateClient | AsyncStateClient:
+def _reattach(
+    cluster: str, kind: str, timeout: float, retry_timeout: float = DEFAULT_RETRY_TIMEOUT
+) -> StateClient | AsyncStateClient:
     """Unpickle a client: attach to the running cluster by name (never creates one)."""
     with _lock:
         link = _links.get(cluster)
@@ -96,6 +122,6 @@ def _reattach(cluster: str, kind: str, timeout: float) -> StateClient | AsyncSta
             if router is None:
                 raise Unavailable(f"state cluster {cluster!r} is not running")
             link = _links[cluster] = ClusterLink(
-                cluster, router, bootstrap.cluster_settings(router, timeout), timeout
+                cluster, router, bootstrap.cluster_settings(router, timeout), timeout, retry_timeout
             )
     return AsyncStateClient(link) if kind == "async" else StateClient(link)

@@ -78,7 +78,19 @@ class UpdateError(StateError):
 
 
 class ConflictError(StateError):
-    """A compare-and-set write found a different version than ``expected_version``."""
+    """A compare-and-set write found a different version than ``expected_version``; nothing was written.
+
+    ``expected`` is the version the caller named, ``actual`` the one found (0: the key is absent).
+    """
+
+    def __init__(self, message: str = "", expected: int = 0, actual: int = 0) -> None:
+        StateError.__init__(self, message)
+        self.args = (message, expected, actual)
+        self.expected = expected
+        self.actual = actual
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class Unavailable(StateError):

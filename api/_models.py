@@ -42,3 +42,18 @@ class StateItem(BaseModel):
 
     key: str
     value: Any = None
+
+
+class Entry(BaseModel):
+    """A value with its metadata (what ``get_entry`` returns).
+
+    ``version`` is 1 when the key is created and grows by one per write; ``updated_at`` and
+    ``expires_at`` are Unix times (``expires_at`` None: no TTL).
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    value: Any = None
+    version: int
+    updated_at: float
+    expires_at: float | None = None

@@ -7,15 +7,23 @@ same way and decode the same way. Every builder validates its arguments *before*
 
 from __future__ import annotations
 
+import itertools
+import math
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from shardstate._errors import StateError
-from shardstate._models import SetResult, StateItem
+from shardstate._errors import InvalidInput, StateError
+from shardstate._models import Entry, SetResult, StateItem
 from shardstate.ops import _Op
 from shardstate.shards import commands as C
+from shardstate.shards.engine import AUTO_OP_PREFIX
 from shardstate.shards.update_ops import parse_ops
 from shardstate.shards.validation import check_name, decode_value, encode_value
+
+#: automatic op_ids: a per-process random token and a counter (unique without a uuid per call)
+_PROCESS_TOKEN = uuid.uuid4().hex[:16] + ":"
+_op_counter = itertools.count()
 
 
 class Request(NamedTuple):
@@ -62,16 +70,68 @@ def wire_ops(ops: Any) -> list[Any]:
     return wire  # type: ignore[no-any-return]
 
 
-def set_request(group_id: str, key: str, value: Any, max_value_size: int) -> Request:
+def write_options(
+    op_id: str | None = None, ttl: float | None = None, expected_version: int | None = None
+) -> dict[str, Any]:
+    """Check a write's options; give it an automatic op_id (for safe retries) if it has none."""
+    if op_id is None:
+        op_id = f"{AUTO_OP_PREFIX}{_PROCESS_TOKEN}{next(_op_counter):x}"
+    elif not isinstance(op_id, str) or not op_id or len(op_id) > 256:
+        raise InvalidInput(f"op_id must be a non-empty str of at most 256 characters, got {op_id!r}")
+    elif op_id.startswith(AUTO_OP_PREFIX):
+        raise InvalidInput(f"op_ids starting with {AUTO_OP_PREFIX!r} are reserved for automatic retries")
+    opts: dict[str, Any] = {"op_id": op_id}
+    if ttl is not None:
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not math.isfinite(ttl) or ttl <= 0:
+            raise InvalidInput(f"ttl must be a positive number of seconds, got {ttl!r}")
+        opts["ttl"] = ttl
+    if expected_version is not None:
+        if (
+            not isinstance(expected_version, int)
+            or isinstance(expected_version, bool)
+            or expected_version < 0
+        ):
+            raise InvalidInput(f"expected_version must be an int >= 0, got {expected_version!r}")
+        opts["expected_version"] = expected_version
+    return opts
+
+
+def set_request(
+    group_id: str,
+    key: str,
+    value: Any,
+    max_value_size: int,
+    *,
+    op_id: str | None = None,
+    ttl: float | None = None,
+    expected_version: int | None = None,
+) -> Request:
     """``set``: the value travels pickled; the result's ``new_value`` is the caller's own object."""
     check_name(group_id, "group_id")
     check_name(key, "key")
+    opts = write_options(op_id, ttl, expected_version)
     data = encode_value(value, max_value_size)
 
-    def decode(payload: tuple[bytes | None, bytes]) -> SetResult:
-        return SetResult(old_value=decode_value(payload[0]), new_value=value)
+    def decode(payload: tuple[bytes | None, bytes | None]) -> SetResult:
+        # the caller's own object, unless this was a replay (op_id) of an earlier, different set
+        new = value if payload[1] == data else decode_value(payload[1])
+        return SetResult(old_value=decode_value(payload[0]), new_value=new)
 
-    return Request(group_id, C.command(C.SET, group_id, key, data), decode)
+    return Request(group_id, C.command(C.SET, group_id, key, data, opts), decode)
+
+
+def entry_request(group_id: str, key: str) -> Request:
+    """``get_entry``: the value with its version and times, or None."""
+    check_name(group_id, "group_id")
+    check_name(key, "key")
+    return Request(group_id, C.command(C.ENTRY, group_id, key), _decode_entry)
+
+
+def _decode_entry(payload: tuple[bytes, int, float, float | None] | None) -> Entry | None:
+    if payload is None:
+        return None
+    data, version, updated_at, expires_at = payload
+    return Entry(value=decode_value(data), version=version, updated_at=updated_at, expires_at=expires_at)
 
 
 def get_request(group_id: str, key: str) -> Request:
@@ -81,11 +141,14 @@ def get_request(group_id: str, key: str) -> Request:
     return Request(group_id, C.command(C.GET, group_id, key), decode_value)
 
 
-def delete_request(group_id: str, key: str) -> Request:
+def delete_request(
+    group_id: str, key: str, *, op_id: str | None = None, expected_version: int | None = None
+) -> Request:
     """``delete``: the old value or None."""
     check_name(group_id, "group_id")
     check_name(key, "key")
-    return Request(group_id, C.command(C.DELETE, group_id, key), decode_value)
+    opts = write_options(op_id, None, expected_version)
+    return Request(group_id, C.command(C.DELETE, group_id, key, None, opts), decode_value)
 
 
 def list_request(group_id: str) -> Request:
@@ -103,14 +166,23 @@ def items_request(group_id: str) -> Request:
 def clear_request(group_id: str) -> Request:
     """``clear``: how many items were removed."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.CLEAR, group_id), _identity)
+    return Request(group_id, C.command(C.CLEAR, group_id, None, None, write_options()), _identity)
 
 
-def update_request(group_id: str, key: str, ops: Sequence[Any]) -> Request:
+def update_request(
+    group_id: str,
+    key: str,
+    ops: Sequence[Any],
+    *,
+    op_id: str | None = None,
+    ttl: float | None = None,
+    expected_version: int | None = None,
+) -> Request:
     """``update``: ops checked here, applied atomically by the shard."""
     check_name(group_id, "group_id")
     check_name(key, "key")
-    return Request(group_id, C.command(C.UPDATE, group_id, key, wire_ops(ops)), _decode_pair)
+    opts = write_options(op_id, ttl, expected_version)
+    return Request(group_id, C.command(C.UPDATE, group_id, key, wire_ops(ops), opts), _decode_pair)
 
 
 GROUPS_COMMAND: C.Command = C.command(C.GROUPS)

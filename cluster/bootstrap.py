@@ -62,7 +62,8 @@ def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[
         ).remote(config.to_dict())
         actual: dict[str, Any] = ray.get(router.ready.remote(), timeout=timeout)
     except Exception as exc:
-        raise Unavailable(f"state cluster {config.name!r} did not start: {exc}") from exc
+        _discard(config)  # a half-started cluster must not be attached to later
+        raise Unavailable(f"state cluster {config.name!r} did not start: {_reason(exc)}") from exc
     for field, value in requested.items():
         if actual.get(field) != value:
             warnings.warn(
@@ -89,8 +90,27 @@ def stop_cluster(cluster: str, *, timeout: float = 60.0) -> bool:
 
 
 def cluster_settings(router: Any, timeout: float = 120.0) -> dict[str, Any]:
-    """The settings of the cluster behind ``router`` (waits until its shards answer)."""
+    """The settings of the cluster behind ``router``."""
     try:
-        return ray.get(router.ready.remote(), timeout=timeout)  # type: ignore[no-any-return]
+        return ray.get(router.settings.remote(), timeout=timeout)  # type: ignore[no-any-return]
     except Exception as exc:
         raise Unavailable(f"state cluster did not answer: {exc}") from exc
+
+
+def _discard(config: ClusterConfig) -> None:
+    """Kill whatever actors a failed start left behind (router and shards), ignoring errors."""
+    names = [config.router_name()] + [config.shard_name(i) for i in range(config.shards)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except Exception:
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    """The most useful line of a start-up failure (Ray wraps the actor's own error in a long text)."""
+    text = str(exc)
+    for marker in ("StorageError: ", "InvalidInput: "):
+        if marker in text:
+            return text[text.rindex(marker) :].splitlines()[0]
+    return text

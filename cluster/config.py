@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from shardstate._errors import InvalidInput
+from shardstate.shards.engine import DEFAULT_OP_RETENTION
+from shardstate.shards.storage import DURABILITY_LEVELS
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
 
 #: The Ray namespace every shardstate actor lives in, whatever the caller's namespace.
@@ -14,18 +17,27 @@ NAMESPACE = "shardstate"
 DEFAULT_CLUSTER = "default"
 DEFAULT_SHARDS = 4
 DEFAULT_STORAGE = "~/.shardstate"
+DEFAULT_DURABILITY = "os"
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Name, shard count, storage root and value-size limit of a state cluster."""
+    """The settings of a state cluster.
+
+    ``storage`` is the root directory (``~`` expands on each node); shard files live under
+    ``<storage>/<name>/``. ``durability``: ``"os"`` (default; commit survives a process crash),
+    ``"fsync"`` (survives power loss), ``"memory"`` (nothing on disk). ``op_retention``: seconds an
+    idempotent write's result is remembered.
+    """
 
     name: str = DEFAULT_CLUSTER
     shards: int = DEFAULT_SHARDS
     storage: str = DEFAULT_STORAGE
+    durability: str = DEFAULT_DURABILITY
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
+    op_retention: float = DEFAULT_OP_RETENTION
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _CLUSTER_NAME.match(self.name):
@@ -42,6 +54,20 @@ class ClusterConfig:
             or self.max_value_size < 1
         ):
             raise InvalidInput(f"max_value_size must be a positive int, got {self.max_value_size!r}")
+        if self.durability not in DURABILITY_LEVELS:
+            raise InvalidInput(f"durability must be one of {DURABILITY_LEVELS}, got {self.durability!r}")
+        if (
+            not isinstance(self.op_retention, (int, float))
+            or isinstance(self.op_retention, bool)
+            or (not self.op_retention > 0)
+        ):
+            raise InvalidInput(
+                f"op_retention must be a positive number of seconds, got {self.op_retention!r}"
+            )
+
+    def directory(self) -> str:
+        """This cluster's storage directory (``~`` not yet expanded: each node expands its own)."""
+        return os.path.join(self.storage, self.name)
 
     def router_name(self) -> str:
         """The Ray actor name of this cluster's router."""

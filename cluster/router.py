@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardstate._models import SetResult, StateItem
 from shardstate._requests import (
@@ -32,30 +36,66 @@ from shardstate._requests import (
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.slots import SlotMap
 from shardstate.shards.actor import shard_actor_class
+from shardstate.shards.storage import StorageError
+
+MANIFEST = "cluster.json"
 
 
 class RouterActor:
-    """Creates (or re-attaches to) a cluster's shard actors and holds the versioned slot map."""
+    """Creates (or re-attaches to) a cluster's shard actors and holds the versioned slot map.
+
+    With durable storage the router keeps a manifest (``<storage>/<cluster>/cluster.json``: the
+    settings and which node holds each shard's file). A re-created cluster reads it: its settings
+    win over the requested ones, each shard is pinned to the node that has its file, and a shard
+    whose file is gone fails to start with a clear error instead of coming up empty.
+    """
 
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = ClusterConfig(**config)
+        requested = ClusterConfig(**config)
+        self.manifest_path: Path | None = None
+        manifest: dict[str, Any] | None = None
+        if requested.durability != "memory":
+            self.manifest_path = Path(os.path.expanduser(requested.directory())) / MANIFEST
+            manifest = _read_manifest(self.manifest_path)
+        if manifest is not None:
+            kept = {k: v for k, v in manifest["config"].items() if k not in ("name", "storage")}
+            requested = ClusterConfig(**{**requested.to_dict(), **kept})
+        self.config = requested
         self.map = SlotMap.initial(self.config.shards)
-        self.shards = [self._start_shard(i) for i in range(self.config.shards)]
+        self.nodes = _place(self.config.shards, manifest)
+        self.shards = [self._start_shard(i, manifest is not None) for i in range(self.config.shards)]
 
-    def _start_shard(self, index: int) -> Any:
+    def _start_shard(self, index: int, must_exist: bool) -> Any:
         cfg = self.config
+        node_id, _ip = self.nodes[index]
         return shard_actor_class.options(
             name=cfg.shard_name(index),
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
-            scheduling_strategy="SPREAD",
-        ).remote(cfg.name, index, self.map.slots_of(index), self.map.epoch, cfg.max_value_size)
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=cfg.durability == "memory"),
+        ).remote(
+            cfg.name,
+            index,
+            self.map.slots_of(index),
+            self.map.epoch,
+            cfg.max_value_size,
+            None if cfg.durability == "memory" else cfg.directory(),
+            cfg.durability,
+            must_exist,
+            cfg.op_retention,
+        )
 
     # -- cluster management -------------------------------------------------------------------
     async def ready(self) -> dict[str, Any]:
-        """Wait until every shard answers; return the cluster's settings."""
+        """Wait until every shard answers, record the manifest; return the cluster's settings."""
         await asyncio.gather(*(s.ping.remote() for s in self.shards))
+        if self.manifest_path is not None:
+            _write_manifest(self.manifest_path, self.config, self.nodes)
+        return self.config.to_dict()
+
+    def settings(self) -> dict[str, Any]:
+        """The cluster's settings (without waiting for the shards)."""
         return self.config.to_dict()
 
     def shard_map(self) -> tuple[int, tuple[int, ...], list[Any]]:
@@ -114,3 +154,47 @@ class RouterActor:
 
 #: The Ray actor class (async: forwarding calls interleave while shards work).
 router_actor_class = ray.remote(num_cpus=0)(RouterActor)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+        manifest["config"]["shards"]  # noqa: B018 - must be there
+        return manifest
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StorageError(f"cluster manifest {path} is unreadable: {exc}") from None
+
+
+def _write_manifest(path: Path, config: ClusterConfig, nodes: list[tuple[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"config": config.to_dict(), "placement": {str(i): ip for i, (_, ip) in enumerate(nodes)}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=2))
+    os.replace(tmp, path)
+
+
+def _place(num_shards: int, manifest: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """``(node_id, node_ip)`` per shard: where its file is, or spread over the alive nodes."""
+    alive = sorted((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive"))
+    if not alive:
+        raise StorageError("no alive Ray node to place shards on")
+    placement = (manifest or {}).get("placement", {})
+    nodes = []
+    for index in range(num_shards):
+        ip = placement.get(str(index))
+        if ip is None:
+            nodes.append(alive[index % len(alive)])
+            continue
+        match = [n for n in alive if n[1] == ip]
+        if match:
+            nodes.append(match[0])
+        elif len(alive) == 1:  # a one-node cluster whose address changed: the file is here
+            nodes.append(alive[0])
+        else:
+            raise StorageError(
+                f"shard {index} keeps its data on node {ip}, which is not in the Ray cluster; "
+                "bring that node back (or restore its shard file on another node and edit the manifest)"
+            )
+    return nodes

@@ -1,13 +1,20 @@
-"""The shard actor: a thin Ray shell around :class:`ShardEngine`.
+"""The shard actor: a thin Ray shell around :class:`ShardEngine` and its :class:`Storage`.
 
 Written as a plain class and made remote at the edge (``shard_actor_class``). It runs as a sync actor
 with ``max_concurrency=1``: Ray then executes its calls one at a time and keeps each caller's order,
 so the actor itself is the serialization point of every group it owns and needs no locks.
+
+Per batch: the engine executes the commands, storage commits what they changed in one transaction,
+and only then does the actor answer, so an acknowledged write is durable. If a commit fails the
+process exits: memory would be ahead of disk, and Ray restarts the shard from its file instead.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,12 +23,16 @@ import ray
 from shardstate._errors import InvalidInput
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.commands import Result
-from shardstate.shards.engine import ShardEngine
+from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
+from shardstate.shards.storage import open_storage
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
+
+#: Seconds between the shard's own sweeps of expired entries and old op results.
+SWEEP_INTERVAL = 1.0
 
 
 class ShardActor:
-    """Owns a set of slots and executes command batches for the groups in them."""
+    """Owns a set of slots, keeps their groups in memory and on storage, executes command batches."""
 
     def __init__(
         self,
@@ -30,21 +41,76 @@ class ShardActor:
         slots: Iterable[int],
         epoch: int,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        directory: str | None = None,
+        durability: str = "memory",
+        must_exist: bool = False,
+        op_retention: float = DEFAULT_OP_RETENTION,
+        sweep_interval: float = SWEEP_INTERVAL,
     ) -> None:
+        started = time.perf_counter()
         self.cluster = cluster
         self.index = index
         self.epoch = epoch
         self.slots = frozenset(slots)
-        self.engine = ShardEngine(owns=self._owns, max_value_size=max_value_size)
+        restarted = _was_restarted()
+        self.storage = open_storage(
+            None if directory is None else os.path.expanduser(directory),
+            index,
+            durability,
+            must_exist=must_exist or restarted,
+        )
+        self.engine = ShardEngine(
+            owns=self._owns,
+            max_value_size=max_value_size,
+            op_retention=op_retention,
+            fetch_op=self.storage.fetch_op,
+        )
+        self.engine.load(self.storage.load())
+        self.engine.sweep()
+        self._commit()
+        self.durability = durability
+        self.restarted = restarted
+        self.load_seconds = time.perf_counter() - started
+        if sweep_interval > 0:
+            threading.Thread(target=self._sweeper, args=(sweep_interval,), daemon=True).start()
 
     def _owns(self, group_id: str) -> bool:
         return slot_of(group_id) in self.slots
 
+    def _commit(self) -> None:
+        changes = self.engine.take_changes()
+        if not changes:
+            return
+        try:
+            self.storage.commit(changes)
+        except BaseException as exc:  # memory is now ahead of disk: restart from disk instead
+            print(f"shardstate shard {self.index}: commit failed, restarting: {exc!r}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(70)
+
+    def _sweeper(self, interval: float) -> None:
+        """Ask this actor to sweep, through its own queue, so sweeps serialize with batches."""
+        me = ray.get_runtime_context().current_actor
+        while True:
+            time.sleep(interval)
+            try:
+                ray.get(me.sweep.remote())
+            except Exception:
+                return  # the actor is going away
+
     def execute(self, batch: Sequence[Any]) -> list[Result]:
-        """Execute a batch of commands in order; one result per command (errors included)."""
+        """Execute a batch of commands in order, commit their changes, then answer (one result each)."""
         if not isinstance(batch, (list, tuple)):
-            return [(False, _bad_batch(batch))]
-        return self.engine.execute_batch(batch)
+            return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
+        results = self.engine.execute_batch(batch)
+        self._commit()
+        return results
+
+    def sweep(self) -> int:
+        """Delete expired entries and forget old op results now; return how many entries expired."""
+        expired = self.engine.sweep()
+        self._commit()
+        return expired
 
     def set_slots(self, slots: Iterable[int], epoch: int) -> int:
         """Take a new slot assignment (from the router); return the new epoch."""
@@ -55,13 +121,18 @@ class ShardActor:
     def info(self) -> dict[str, Any]:
         """Where this shard runs and what it holds (for tests, the console and the CLI)."""
         store = self.engine.store
+        ctx = ray.get_runtime_context()
         return {
             "index": self.index,
             "epoch": self.epoch,
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
             "groups": len(store.groups),
             "keys": len(store),
+            "durability": self.durability,
+            "restarted": self.restarted,
+            "load_seconds": self.load_seconds,
         }
 
     def ping(self) -> int:
@@ -69,9 +140,15 @@ class ShardActor:
         return self.index
 
 
-def _bad_batch(batch: Any) -> Exception:
-    return InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}")
+def _was_restarted() -> bool:
+    try:
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # not inside an actor (unit use)
+        return False
 
 
-#: The Ray actor class: sync, one call at a time (the serialization point).
-shard_actor_class = ray.remote(max_concurrency=1, num_cpus=0)(ShardActor)  # type: ignore[call-overload]
+#: The Ray actor class: sync, one call at a time (the serialization point), restarted from storage
+#: when its process dies; calls are not retried by Ray (the client retries them with op_ids).
+shard_actor_class = ray.remote(max_concurrency=1, num_cpus=0, max_restarts=-1, max_task_retries=0)(  # type: ignore[call-overload]
+    ShardActor
+)

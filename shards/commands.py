@@ -1,7 +1,8 @@
 """The command vocabulary between clients and shard actors.
 
 A command is a plain tuple ``(kind, group_id, key, arg, opts)`` so a batch of thousands pickles
-cheaply; a result is ``(True, payload)`` or ``(False, StateError)``. Payloads carry values as the
+cheaply (``opts``: None or a dict of ``op_id``, ``ttl``, ``expected_version`` for writes); a result
+is ``(True, payload)`` or ``(False, StateError)``. Payloads carry values as the
 pickled bytes the client sent, so a shard never needs to unpickle a value it only stores.
 
 ====== ========= ========= =================== =========================================
@@ -9,6 +10,7 @@ kind   group_id  key       arg                 ok payload
 ====== ========= ========= =================== =========================================
 set    str       str       pickled value       (old bytes | None, new bytes)
 get    str       str       -                   bytes | None
+entry  str       str       -                   (bytes, version, updated_at, expires_at) | None
 delete str       str       -                   old bytes | None
 list   str       -         -                   list[bytes]
 items  str       -         -                   list[(key, bytes)]
@@ -27,6 +29,7 @@ Result = tuple[bool, Any]
 
 SET = "set"
 GET = "get"
+ENTRY = "entry"
 DELETE = "delete"
 LIST = "list"
 ITEMS = "items"
@@ -35,7 +38,7 @@ UPDATE = "update"
 GROUPS = "groups"
 
 #: kinds that name a key as well as a group
-KEYED = frozenset({SET, GET, DELETE, UPDATE})
+KEYED = frozenset({SET, GET, ENTRY, DELETE, UPDATE})
 #: kinds that name a group
 GROUPED = KEYED | {LIST, ITEMS, CLEAR}
 #: kinds that may change state

@@ -1,23 +1,39 @@
 """The shard's operation engine: executes command batches against a :class:`GroupStore` (pure).
 
-No Ray and no I/O here: the shard actor is a thin shell that hands each incoming batch to
-:meth:`ShardEngine.execute_batch`. Commands run one at a time, in order; a bad command becomes that
-command's error result and never disturbs the others or the engine.
+No Ray and no I/O here: the shard actor hands each incoming batch to :meth:`ShardEngine.execute_batch`,
+takes the batch's :class:`Changes` with :meth:`ShardEngine.take_changes`, has storage commit them, and
+only then answers. Commands run one at a time, in order; a bad command becomes that command's error
+result and never disturbs the others or the engine. Time comes from an injected ``clock``.
+
+Beyond plain reads and writes the engine keeps, per entry, a version (1 on creation, +1 per write) and
+an optional expiry time (TTL), and per write with an ``op_id`` the write's result, so a repeated call
+returns the first result and applies nothing again.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
-from shardstate._errors import InvalidInput, StaleShardMap, StateError, UpdateError
+from shardstate._errors import ConflictError, InvalidInput, StaleShardMap, StateError, UpdateError
 from shardstate.shards import commands as C
+from shardstate.shards.records import Changes, Entry, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import NOT_JSON, apply_ops
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE, check_name, check_size
+
+#: op_ids the clients generate for their own retries start with this; they are kept briefly.
+AUTO_OP_PREFIX = "~"
+DEFAULT_OP_RETENTION = 24 * 3600.0
+DEFAULT_AUTO_OP_RETENTION = 120.0  # > the clients' default retry_timeout (60 s) + a restart
+#: an automatic retry's remembered result is kept whole up to this size (bytes of old + new value)
+AUTO_RESULT_LIMIT = 16 * 1024
 
 
 class ShardEngine:
@@ -25,7 +41,9 @@ class ShardEngine:
 
     ``owns(group_id)`` says whether this shard owns the group's slot; commands for other groups get
     a :class:`StaleShardMap` error so the caller refreshes its map. ``max_value_size`` bounds stored
-    values, including the result of an update.
+    values, including the result of an update. ``op_retention`` is how long (seconds) the result of
+    a write with a caller's ``op_id`` is remembered; ``auto_op_retention`` the same for op_ids a
+    client generated for its own retries.
     """
 
     def __init__(
@@ -34,13 +52,28 @@ class ShardEngine:
         *,
         owns: Callable[[str], bool] | None = None,
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        clock: Callable[[], float] = time.time,
+        op_retention: float = DEFAULT_OP_RETENTION,
+        auto_op_retention: float = DEFAULT_AUTO_OP_RETENTION,
+        fetch_op: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self.store = store if store is not None else GroupStore()
         self.owns = owns
         self.max_value_size = max_value_size
-        self._handlers: dict[str, Callable[[Any, Any, Any, Any], Any]] = {
+        self.clock = clock
+        self.op_retention = op_retention
+        self.auto_op_retention = auto_op_retention
+        self.fetch_op = fetch_op
+        #: op_id -> (created_at, ok payload); dicts keep creation order, so pruning pops from the front
+        self.ops: dict[str, tuple[float, Any]] = {}
+        self.auto_ops: dict[str, tuple[float, Any]] = {}
+        self._expiry: list[tuple[float, str, str]] = []
+        self._changes = Changes()
+        self._now = 0.0
+        self._handlers: dict[str, Callable[[Any, Any, Any, dict[str, Any]], Any]] = {
             C.SET: self._set,
             C.GET: self._get,
+            C.ENTRY: self._entry,
             C.DELETE: self._delete,
             C.LIST: self._list,
             C.ITEMS: self._items,
@@ -49,70 +82,235 @@ class ShardEngine:
             C.GROUPS: self._groups,
         }
 
-    # -- entry points -------------------------------------------------------------------------
-    def execute_batch(self, batch: Sequence[Any]) -> list[C.Result]:
-        """Execute every command of ``batch`` in order; return one result per command."""
-        return [self.execute(cmd) for cmd in batch]
+    # -- start-up -----------------------------------------------------------------------------
+    def load(self, loaded: Loaded) -> None:
+        """Start from stored state (entry rows in insertion order, remembered op_ids)."""
+        groups, expiry, make = self.store.groups, self._expiry, tuple.__new__
+        for group_id, key, data, version, updated_at, expires_at in loaded.entries:
+            group = groups.get(group_id)
+            if group is None:
+                group = groups[group_id] = {}
+            group[key] = make(Entry, (data, version, updated_at, expires_at))
+            if expires_at is not None:
+                expiry.append((expires_at, group_id, key))
+        heapq.heapify(expiry)
+        for op_id, created_at in loaded.op_ids:
+            table = self.auto_ops if op_id.startswith(AUTO_OP_PREFIX) else self.ops
+            table[op_id] = (created_at, _STORED)
 
-    def execute(self, cmd: Any) -> C.Result:
-        """Execute one command; any failure becomes ``(False, StateError)``."""
+    # -- entry points -------------------------------------------------------------------------
+    def execute_batch(self, batch: Sequence[Any], now: float | None = None) -> list[C.Result]:
+        """Execute every command of ``batch`` in order; one result per command.
+
+        Expired entries are removed first, so no command of the batch sees them.
+        """
+        self._now = self.clock() if now is None else now
+        self._expire(self._now)
+        return [self._execute(cmd) for cmd in batch]
+
+    def execute(self, cmd: Any, now: float | None = None) -> C.Result:
+        """Execute one command (a batch of one)."""
+        return self.execute_batch([cmd], now)[0]
+
+    def take_changes(self) -> Changes:
+        """What the commands since the last call changed (for storage); resets the record."""
+        changes, self._changes = self._changes, Changes()
+        return changes
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove expired entries and forget old op results; return how many entries expired."""
+        now = self.clock() if now is None else now
+        expired = self._expire(now)
+        self._prune(self.ops, now - self.op_retention)
+        self._prune(self.auto_ops, now - self.auto_op_retention)
+        return expired
+
+    # -- internals ----------------------------------------------------------------------------
+    def _execute(self, cmd: Any) -> C.Result:
         try:
             if not isinstance(cmd, tuple) or len(cmd) != 5:
                 raise InvalidInput(f"a command is a 5-tuple, got {type(cmd).__name__}")
-            kind, group_id, key, arg, _opts = cmd
+            kind, group_id, key, arg, opts = cmd
             handler = self._handlers.get(kind) if isinstance(kind, str) else None
             if handler is None:
                 raise InvalidInput(f"unknown command {kind!r}")
+            if opts is None:
+                opts = {}
+            elif not isinstance(opts, dict):
+                raise InvalidInput(f"command options must be a dict, got {type(opts).__name__}")
             if kind in C.GROUPED:
                 check_name(group_id, "group_id")
                 if self.owns is not None and not self.owns(group_id):
                     raise StaleShardMap(f"this shard does not own group {group_id!r}")
                 if kind in C.KEYED:
                     check_name(key, "key")
-            return (True, handler(group_id, key, arg, _opts))
+            op_id = opts.get("op_id")
+            if op_id is None or kind not in C.WRITES:
+                return (True, handler(group_id, key, arg, opts))
+            if not isinstance(op_id, str) or not op_id:
+                raise InvalidInput(f"op_id must be a non-empty str, got {op_id!r}")
+            return (True, self._once(op_id, handler, group_id, key, arg, opts))
         except StateError as exc:
             return (False, exc)
         except Exception as exc:  # a bug or a hostile command: report it, keep serving
             return (False, InvalidInput(f"command failed: {type(exc).__name__}: {exc}"))
 
+    def _once(self, op_id: str, handler: Any, group_id: str, key: str, arg: Any, opts: dict[str, Any]) -> Any:
+        """Run a write at most once per ``op_id``: a repeat returns the first call's result."""
+        auto = op_id.startswith(AUTO_OP_PREFIX)
+        table = self.auto_ops if auto else self.ops
+        seen = table.get(op_id)
+        if seen is not None:
+            payload = seen[1]
+            if payload is _STORED:  # remembered from before a restart: its result is in storage
+                blob = None if self.fetch_op is None else self.fetch_op(op_id)
+                if blob is None:
+                    raise StateError(f"the result of op_id {op_id!r} is no longer available")
+                payload = pickle.loads(blob)
+                table[op_id] = (seen[0], payload)
+            if auto and payload is _FORGOTTEN:  # result was too large to keep: report the current value
+                entry = self.store.get(group_id, key)
+                return (None, None if entry is None else entry.data)
+            return payload
+        payload = handler(group_id, key, arg, opts)
+        kept = payload
+        if auto and isinstance(payload, tuple) and _payload_size(payload) > AUTO_RESULT_LIMIT:
+            kept = _FORGOTTEN  # set/update: a repeat reports the current value instead
+        table[op_id] = (self._now, kept)
+        self._changes.op_records.append(
+            OpRecord(op_id, self._now, pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
+        )
+        return payload
+
+    def _expire(self, now: float) -> int:
+        """Delete every entry whose expiry time has come."""
+        heap, count = self._expiry, 0
+        while heap and heap[0][0] <= now:
+            expires_at, group_id, key = heapq.heappop(heap)
+            entry = self.store.get(group_id, key)
+            if entry is not None and entry.expires_at == expires_at:
+                self.store.delete(group_id, key)
+                self._changes.delete(group_id, key)
+                count += 1
+        return count
+
+    def _prune(self, table: dict[str, tuple[float, Any]], cutoff: float) -> None:
+        while table:
+            op_id, (created_at, _) = next(iter(table.items()))
+            if created_at >= cutoff:
+                break
+            del table[op_id]
+            self._changes.pruned_ops.append(op_id)
+
+    def _live(self, group_id: str, key: str) -> Entry | None:
+        entry = self.store.get(group_id, key)
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= self._now:
+            return None  # expired within this batch: invisible; the next batch deletes it
+        return entry
+
+    def _check_version(self, current: Entry | None, opts: dict[str, Any]) -> None:
+        expected = opts.get("expected_version")
+        if expected is None:
+            return
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+            raise InvalidInput(f"expected_version must be an int >= 0, got {expected!r}")
+        actual = 0 if current is None else current.version
+        if actual != expected:
+            raise ConflictError(f"expected version {expected}, found {actual}", expected, actual)
+
+    def _expiry_time(self, current: Entry | None, opts: dict[str, Any], keep: bool) -> float | None:
+        ttl = opts.get("ttl")
+        if ttl is None:
+            return current.expires_at if keep and current is not None else None
+        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not math.isfinite(ttl) or ttl <= 0:
+            raise InvalidInput(f"ttl must be a positive number of seconds, got {ttl!r}")
+        return self._now + ttl
+
+    def _write(
+        self, group_id: str, key: str, data: bytes, current: Entry | None, expires_at: float | None
+    ) -> None:
+        entry = Entry(data, 1 if current is None else current.version + 1, self._now, expires_at)
+        self.store.put(group_id, key, entry)
+        self._changes.put(group_id, key, entry, created=current is None)
+        if expires_at is not None:
+            heapq.heappush(self._expiry, (expires_at, group_id, key))
+
     # -- commands -----------------------------------------------------------------------------
-    def _set(self, group_id: str, key: str, data: Any, _opts: Any) -> tuple[bytes | None, bytes]:
+    def _set(self, group_id: str, key: str, data: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
         if not isinstance(data, bytes):
             raise InvalidInput("set: the value must arrive pickled (bytes)")
         check_size(data, self.max_value_size)
-        return (self.store.put(group_id, key, data), data)
+        current = self._live(group_id, key)
+        self._check_version(current, opts)
+        self._write(group_id, key, data, current, self._expiry_time(current, opts, keep=False))
+        return (None if current is None else current.data, data)
 
-    def _get(self, group_id: str, key: str, _arg: Any, _opts: Any) -> bytes | None:
-        return self.store.get(group_id, key)
+    def _get(self, group_id: str, key: str, _arg: Any, _opts: dict[str, Any]) -> bytes | None:
+        entry = self._live(group_id, key)
+        return None if entry is None else entry.data
 
-    def _delete(self, group_id: str, key: str, _arg: Any, _opts: Any) -> bytes | None:
-        return self.store.delete(group_id, key)
+    def _entry(self, group_id: str, key: str, _arg: Any, _opts: dict[str, Any]) -> tuple[Any, ...] | None:
+        entry = self._live(group_id, key)
+        return None if entry is None else tuple(entry)
 
-    def _list(self, group_id: str, _key: Any, _arg: Any, _opts: Any) -> list[bytes]:
-        return self.store.values(group_id)
+    def _delete(self, group_id: str, key: str, _arg: Any, opts: dict[str, Any]) -> bytes | None:
+        current = self._live(group_id, key)
+        self._check_version(current, opts)
+        if current is None:
+            return None
+        self.store.delete(group_id, key)
+        self._changes.delete(group_id, key)
+        return current.data
 
-    def _items(self, group_id: str, _key: Any, _arg: Any, _opts: Any) -> list[tuple[str, bytes]]:
-        return self.store.items(group_id)
+    def _list(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[bytes]:
+        return [e.data for _, e in self._visible(group_id)]
 
-    def _clear(self, group_id: str, _key: Any, _arg: Any, _opts: Any) -> int:
-        return len(self.store.clear(group_id))
+    def _items(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[tuple[str, bytes]]:
+        return [(k, e.data) for k, e in self._visible(group_id)]
 
-    def _groups(self, _group: Any, _key: Any, _arg: Any, _opts: Any) -> list[str]:
-        return self.store.group_ids()
+    def _visible(self, group_id: str) -> list[tuple[str, Entry]]:
+        now = self._now
+        return [(k, e) for k, e in self.store.entries(group_id) if e.expires_at is None or e.expires_at > now]
 
-    def _update(self, group_id: str, key: str, ops: Any, _opts: Any) -> tuple[bytes | None, bytes]:
-        old = self.store.get(group_id, key)  # stored values are always bytes: None means absent
-        exists = old is not None
-        current: Any = None
-        if old is not None:
+    def _clear(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> int:
+        removed = self._visible(group_id)
+        if self.store.clear(group_id):
+            self._changes.clear(group_id)
+        return len(removed)
+
+    def _groups(self, _group: Any, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[str]:
+        return [g for g in self.store.group_ids() if self._visible(g)]
+
+    def _update(self, group_id: str, key: str, ops: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
+        current = self._live(group_id, key)
+        self._check_version(current, opts)
+        value: Any = None
+        if current is not None:
             try:
-                current = pickle.loads(old)
+                value = pickle.loads(current.data)
             except Exception as exc:  # a class the shard cannot import: not a JSON-like value
                 raise UpdateError(f"the stored value cannot be updated: {exc}", 0, NOT_JSON) from None
-        new_value = apply_ops(current, ops, exists=exists)
+        new_value = apply_ops(value, ops, exists=current is not None)
         new = check_size(_dumps(new_value), self.max_value_size)
-        self.store.put(group_id, key, new)
-        return (old, new)
+        self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True))
+        return (None if current is None else current.data, new)
+
+
+class _Forgotten:
+    """Marks an automatic-retry result too large to keep."""
+
+    def __reduce__(self) -> str:
+        return "_FORGOTTEN"
+
+
+_FORGOTTEN = _Forgotten()
+_STORED: Any = object()  # an op result that is in storage, not in memory
+
+
+def _payload_size(payload: Any) -> int:
+    if isinstance(payload, tuple):
+        return sum(len(p) for p in payload if isinstance(p, bytes))
+    return len(payload) if isinstance(payload, bytes) else 0
 
 
 def _dumps(value: Any) -> bytes:

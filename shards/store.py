@@ -1,39 +1,36 @@
-"""The in-memory state of one shard: groups of keys, each holding a pickled value (pure, no I/O)."""
+"""The in-memory state of one shard: groups of keys, each holding an :class:`Entry` (pure, no I/O)."""
 
 from __future__ import annotations
 
+from shardstate.shards.records import Entry
+
 
 class GroupStore:
-    """Groups → keys → pickled values, in insertion order.
+    """Groups → keys → entries (pickled value + version, times), in insertion order.
 
     Setting an existing key keeps its position; a deleted and re-set key moves to the end. Empty
     groups do not exist: the last delete of a group removes it.
     """
 
     def __init__(self) -> None:
-        self.groups: dict[str, dict[str, bytes]] = {}
+        self.groups: dict[str, dict[str, Entry]] = {}
 
-    def get(self, group_id: str, key: str) -> bytes | None:
-        """The stored bytes of ``key``, or None if absent."""
+    def get(self, group_id: str, key: str) -> Entry | None:
+        """The entry of ``key``, or None if absent."""
         group = self.groups.get(group_id)
         return None if group is None else group.get(key)
 
-    def contains(self, group_id: str, key: str) -> bool:
-        """True if ``key`` exists in ``group_id``."""
-        group = self.groups.get(group_id)
-        return group is not None and key in group
-
-    def put(self, group_id: str, key: str, data: bytes) -> bytes | None:
-        """Store ``data`` under ``key``; return the previous bytes or None."""
+    def put(self, group_id: str, key: str, entry: Entry) -> Entry | None:
+        """Store ``entry`` under ``key``; return the previous entry or None."""
         group = self.groups.get(group_id)
         if group is None:
             group = self.groups[group_id] = {}
         old = group.get(key)
-        group[key] = data
+        group[key] = entry
         return old
 
-    def delete(self, group_id: str, key: str) -> bytes | None:
-        """Remove ``key``; return its bytes, or None if it was absent."""
+    def delete(self, group_id: str, key: str) -> Entry | None:
+        """Remove ``key``; return its entry, or None if it was absent."""
         group = self.groups.get(group_id)
         if group is None:
             return None
@@ -42,15 +39,11 @@ class GroupStore:
             del self.groups[group_id]
         return old
 
-    def values(self, group_id: str) -> list[bytes]:
-        """Every value of the group, in insertion order."""
-        return list(self.groups.get(group_id, {}).values())
-
-    def items(self, group_id: str) -> list[tuple[str, bytes]]:
-        """Every ``(key, bytes)`` of the group, in insertion order."""
+    def entries(self, group_id: str) -> list[tuple[str, Entry]]:
+        """Every ``(key, entry)`` of the group, in insertion order."""
         return list(self.groups.get(group_id, {}).items())
 
-    def clear(self, group_id: str) -> list[tuple[str, bytes]]:
+    def clear(self, group_id: str) -> list[tuple[str, Entry]]:
         """Remove the whole group; return what it held (in insertion order)."""
         return list(self.groups.pop(group_id, {}).items())
 

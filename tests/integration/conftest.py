@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -23,9 +24,15 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def state(ray_session: None) -> Iterator[shardstate.StateClient]:
-    """A 4-shard state cluster shared by the session."""
-    client = shardstate.connect(cluster=CLUSTER, shards=4)
+def storage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the session's clusters keep their files (never the user's ~/.shardstate)."""
+    return tmp_path_factory.mktemp("shardstate")
+
+
+@pytest.fixture(scope="session")
+def state(ray_session: None, storage_root: Path) -> Iterator[shardstate.StateClient]:
+    """A 4-shard state cluster on durable (sqlite, "os") storage, shared by the session."""
+    client = shardstate.connect(cluster=CLUSTER, shards=4, storage=str(storage_root))
     yield client
     shardstate.shutdown(CLUSTER)
 
@@ -34,3 +41,11 @@ def state(ray_session: None) -> Iterator[shardstate.StateClient]:
 def group() -> str:
     """A fresh group name for one test."""
     return f"g-{uuid.uuid4().hex}"
+
+
+@pytest.fixture
+def new_cluster(ray_session: None, storage_root: Path) -> Iterator[dict[str, str]]:
+    """The name and storage of a cluster a test creates itself; shut down afterwards."""
+    spec = {"cluster": f"c-{uuid.uuid4().hex[:8]}", "storage": str(storage_root)}
+    yield spec
+    shardstate.shutdown(spec["cluster"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from typing import Any
 
 import pytest
@@ -49,21 +48,17 @@ def test_bad_call_is_typed_and_harmless(
     assert state.update(group, "doc", [ops.increment("n")]).new_value["n"] == 2  # still serving
 
 
-def test_too_large_value_and_update_result() -> None:
-    name = f"small-{uuid.uuid4().hex[:6]}"
-    small = shardstate.connect(cluster=name, shards=1, max_value_size=1024)
-    try:
-        with pytest.raises(ValueTooLarge) as err:
-            small.set("g", "big", "x" * 2000)
-        assert err.value.limit == 1024
-        assert err.value.size > 1024
-        small.set("g", "doc", {"s": "x" * 600})
-        with pytest.raises(ValueTooLarge):  # the update's result is too large: checked by the shard
-            small.update("g", "doc", [ops.append("s", "y" * 600)])
-        assert small.get("g", "doc") == {"s": "x" * 600}
-        assert small.get("g", "big") is None
-    finally:
-        shardstate.shutdown(name)
+def test_too_large_value_and_update_result(new_cluster: dict[str, str]) -> None:
+    small = shardstate.connect(**new_cluster, shards=1, max_value_size=1024)
+    with pytest.raises(ValueTooLarge) as err:
+        small.set("g", "big", "x" * 2000)
+    assert err.value.limit == 1024
+    assert err.value.size > 1024
+    small.set("g", "doc", {"s": "x" * 600})
+    with pytest.raises(ValueTooLarge):  # the update's result is too large: checked by the shard
+        small.update("g", "doc", [ops.append("s", "y" * 600)])
+    assert small.get("g", "doc") == {"s": "x" * 600}
+    assert small.get("g", "big") is None
 
 
 def test_garbage_sent_straight_to_a_shard(state: shardstate.StateClient, group: str) -> None:
@@ -93,9 +88,9 @@ def test_router_survives_bad_calls(state: shardstate.StateClient, group: str) ->
     assert ray.get(state.router.get.remote(group, "missing")) is None
 
 
-def test_calls_after_shutdown_raise_unavailable() -> None:
-    name = f"gone-{uuid.uuid4().hex[:6]}"
-    doomed = shardstate.connect(cluster=name, shards=2)
+def test_calls_after_shutdown_raise_unavailable(new_cluster: dict[str, str]) -> None:
+    name = new_cluster["cluster"]
+    doomed = shardstate.connect(**new_cluster, shards=2)
     doomed.set("g", "k", 1)
     shard = doomed._link.current().shards[0]
     assert shardstate.shutdown(name) is True
@@ -107,7 +102,7 @@ def test_calls_after_shutdown_raise_unavailable() -> None:
         ray.get(shard.ping.remote(), timeout=30)  # the actors are really gone
     assert shardstate.shutdown(name) is False
     # a client whose link was not closed locally (e.g. in another process) also gets Unavailable
-    again = shardstate.connect(cluster=name, shards=1)
+    again = shardstate.connect(**new_cluster)
     stale = shardstate.StateClient(again._link.__class__(name, again.router, again.config, 10.0))
     stale._link.refresh()
     assert shardstate.shutdown(name) is True

@@ -22,6 +22,7 @@ from shardstate._errors import StaleShardMap
 from shardstate.shards import commands as C
 from shardstate.shards.commands import command
 from shardstate.shards.engine import ShardEngine
+from shardstate.shards.records import Entry
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import apply_ops
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
@@ -366,24 +367,25 @@ def test_a_very_deep_update_path_fails_cleanly() -> None:
 
 def test_group_store_directly() -> None:
     store = GroupStore()
+    e1, e2, e3 = (Entry(d, 1, 0.0, None) for d in (b"1", b"2", b"3"))
     assert len(store) == 0
     assert store.group_ids() == []
-    assert store.put("g", "a", b"1") is None
-    assert store.put("g", "b", b"2") is None
-    assert store.put("g", "a", b"3") == b"1"
-    assert store.contains("g", "a")
-    assert not store.contains("g", "z")
-    assert not store.contains("h", "a")
-    assert store.items("g") == [("a", b"3"), ("b", b"2")]
+    assert store.put("g", "a", e1) is None
+    assert store.put("g", "b", e2) is None
+    assert store.put("g", "a", e3) == e1
+    assert store.get("g", "a") == e3
+    assert store.get("g", "z") is None
+    assert store.get("h", "a") is None
+    assert store.entries("g") == [("a", e3), ("b", e2)]
     assert len(store) == 2
     assert store.delete("g", "z") is None
     assert store.delete("h", "z") is None
-    assert store.delete("g", "a") == b"3"
-    assert store.delete("g", "b") == b"2"
+    assert store.delete("g", "a") == e3
+    assert store.delete("g", "b") == e2
     assert store.group_ids() == []
     assert store.groups == {}
-    store.put("g", "a", b"1")
-    assert store.clear("g") == [("a", b"1")]
+    store.put("g", "a", e1)
+    assert store.clear("g") == [("a", e1)]
     assert store.clear("g") == []
 
 
@@ -581,7 +583,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert all(groups.values())  # no empty groups
         assert sorted(groups) == sorted(self.model)
         for group, keys in self.model.items():
-            assert list(groups[group].items()) == list(keys.items())
+            assert [(k, e.data) for k, e in groups[group].items()] == list(keys.items())
 
 
 TestEngineMachine = EngineMachine.TestCase

@@ -1,0 +1,80 @@
+"""Plain data passed between the engine, the store and storage: entries, op records, change sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Entry(NamedTuple):
+    """One stored value with its metadata. ``expires_at`` is a Unix time or None (no TTL)."""
+
+    data: bytes
+    version: int
+    updated_at: float
+    expires_at: float | None
+
+
+class OpRecord(NamedTuple):
+    """The remembered result of an idempotent write (``op_id``), pickled, and when it was made."""
+
+    op_id: str
+    created_at: float
+    result: bytes
+
+
+@dataclass
+class Changes:
+    """What one batch changed, in a form storage can apply in one transaction.
+
+    ``entries`` maps ``(group, key)`` to the key's final entry (None: deleted) and whether the key
+    was deleted and created again in the batch (it then moves to the end of its group's order).
+    ``cleared`` groups are removed before ``entries`` are applied.
+    """
+
+    entries: dict[tuple[str, str], tuple[Entry | None, bool]] = field(default_factory=dict)
+    cleared: set[str] = field(default_factory=set)
+    op_records: list[OpRecord] = field(default_factory=list)
+    pruned_ops: list[str] = field(default_factory=list)
+
+    def put(self, group_id: str, key: str, entry: Entry, created: bool) -> None:
+        """Record that ``key`` now holds ``entry`` (``created``: it did not exist before this write).
+
+        A key that existed keeps its place; a created key goes to the end of the insertion order,
+        and one deleted earlier in the batch is deleted and inserted again (``recreate``).
+        """
+        gk = (group_id, key)
+        if not created:
+            _, recreate = self.entries.get(gk, (None, False))
+            self.entries[gk] = (entry, recreate)  # assignment keeps the dict position
+            return
+        previous = self.entries.pop(gk, None)
+        self.entries[gk] = (entry, previous is not None)
+
+    def delete(self, group_id: str, key: str) -> None:
+        """Record that ``key`` was deleted."""
+        self.entries.pop((group_id, key), None)
+        self.entries[(group_id, key)] = (None, False)
+
+    def clear(self, group_id: str) -> None:
+        """Record that the whole group was removed."""
+        for gk in [gk for gk in self.entries if gk[0] == group_id]:
+            del self.entries[gk]
+        self.cleared.add(group_id)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.cleared or self.op_records or self.pruned_ops)
+
+
+@dataclass
+class Loaded:
+    """What a shard starts from.
+
+    ``entries``: rows ``(group, key, data, version, updated_at, expires_at)`` in insertion order.
+    ``op_ids``: ``(op_id, created_at)`` of remembered writes, oldest first; their results stay in
+    storage until a repeated call asks for one (``Storage.fetch_op``), so a restart reads no blobs.
+    """
+
+    entries: Iterable[tuple[str, str, bytes, int, float, float | None]]
+    op_ids: list[tuple[str, float]]

@@ -1,0 +1,249 @@
+"""Durable shards: real kills, whole-cluster restarts, idempotent retries, CAS, TTL, bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+import shardstate
+from shardstate import ConflictError, InvalidInput, Unavailable, ops
+from shardstate.cluster.slots import slot_of
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def owner_info(state: shardstate.StateClient, group: str) -> dict[str, object]:
+    index = state._link.current().owners[slot_of(group)]
+    return state.shard_info()[index]
+
+
+@ray.remote
+def stream_increments(state: shardstate.StateClient, group: str, task: int, calls: int) -> int:
+    """Idempotent increments (op_id per call); returns how many calls were acknowledged."""
+    acked = 0
+    for i in range(calls):
+        state.update(group, "counter", [ops.increment("n")], op_id=f"t{task}-c{i}")
+        acked += 1
+        time.sleep(0.002)
+    return acked
+
+
+def test_sigkill_shard_while_tasks_stream_increments(state: shardstate.StateClient, group: str) -> None:
+    before = owner_info(state, group)
+    refs = [stream_increments.remote(state, group, t, 100) for t in range(20)]
+    # wait until the stream is under way, then really kill the shard's worker process
+    deadline = time.monotonic() + 60
+    while (state.get(group, "counter") or {}).get("n", 0) < 200:
+        assert time.monotonic() < deadline, "the stream did not start"
+        time.sleep(0.02)
+    os.kill(int(before["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    at_kill = state.get(group, "counter")["n"]
+    acked = ray.get(refs)
+    after = owner_info(state, group)
+    assert after["pid"] != before["pid"]
+    assert after["restarted"] is True
+    assert at_kill < 2000, "the kill came too late to hit the stream"
+    assert sum(acked) == 2000  # every call was eventually acknowledged (through retries)
+    assert state.get(group, "counter") == {"n": 2000}  # none lost, none doubled
+
+
+def test_ray_kill_with_restart_keeps_acknowledged_writes(state: shardstate.StateClient, group: str) -> None:
+    for i in range(50):
+        state.set(group, f"k{i}", {"i": i})
+    shard = state._link.current().shard_for(group)
+    ray.kill(shard, no_restart=False)
+    assert [it.key for it in state.items(group)] == [f"k{i}" for i in range(50)]  # retried until back
+    assert state.get_entry(group, "k7").version == 1
+
+
+def test_whole_cluster_restart_keeps_everything(new_cluster: dict[str, str]) -> None:
+    state = shardstate.connect(**new_cluster, shards=3)
+    for g in range(10):
+        for k in range(5):
+            state.set(f"grp-{g}", f"key-{k}", {"g": g, "k": k, "blob": b"\x00\x01"})
+    state.update("grp-3", "key-2", [ops.increment("hits", 3)])
+    state.delete("grp-4", "key-0")
+    state.set("grp-4", "key-0", "moved to the end")
+    expected = {g: state.items(g) for g in state.list_groups()}
+    versions = state.get_entry("grp-3", "key-2")
+    assert shardstate.shutdown(new_cluster["cluster"]) is True
+
+    again = shardstate.connect(cluster=new_cluster["cluster"], storage=new_cluster["storage"])
+    assert again.config["shards"] == 3  # the stored settings win
+    assert {g: again.items(g) for g in again.list_groups()} == expected
+    assert [it.key for it in again.items("grp-4")][-1] == "key-0"
+    assert again.get_entry("grp-3", "key-2") == versions
+
+
+FRESH_RAY = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    import shardstate
+    from shardstate import ops
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    state = shardstate.connect(cluster=sys.argv[2], storage=sys.argv[3], shards=2)
+    if sys.argv[1] == "write":
+        for i in range(20):
+            state.update("fresh", "doc", [ops.increment("n"), ops.append("seen", i)])
+        state.set("fresh", "other", [1, 2, 3])
+        print(json.dumps("written"))
+    else:
+        print(json.dumps({"doc": state.get("fresh", "doc"), "other": state.get("fresh", "other")}))
+    """
+)
+
+
+def test_fresh_ray_instance_finds_the_data(tmp_path: Path) -> None:
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH_RAY)
+    name = f"fresh-{os.getpid()}"
+
+    def run(mode: str) -> object:
+        # a separate driver starts (and, on exit, tears down) its own Ray instance: nothing survives
+        # between the two runs but the files
+        out = subprocess.run(
+            [sys.executable, str(script), mode, name, str(tmp_path / "store")],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert run("write") == "written"
+    got = run("read")
+    assert got == {"doc": {"n": 20, "seen": list(range(20))}, "other": [1, 2, 3]}
+
+
+def test_same_op_id_applies_once(state: shardstate.StateClient, group: str) -> None:
+    first = state.update(group, "k", [ops.increment("n", 5)], op_id="job-1/step-3")
+    again = state.update(group, "k", [ops.increment("n", 5)], op_id="job-1/step-3")
+    assert first == again
+    assert state.get(group, "k") == {"n": 5}
+    state.update(group, "k", [ops.increment("n", 5)], op_id="job-1/step-4")
+    assert state.get(group, "k") == {"n": 10}
+    s1 = state.set(group, "s", "a", op_id="set-1")
+    state.set(group, "s", "b")
+    assert state.set(group, "s", "zzz", op_id="set-1") == s1  # replayed, not re-applied
+    assert state.get(group, "s") == "b"
+    assert state.delete(group, "s", op_id="del-1") == "b"
+    state.set(group, "s", "c")
+    assert state.delete(group, "s", op_id="del-1") == "b"
+    assert state.get(group, "s") == "c"
+    with pytest.raises(InvalidInput):
+        state.set(group, "s", 1, op_id="~reserved")
+
+
+@ray.remote
+def cas_adder(state: shardstate.StateClient, group: str, times: int) -> int:
+    conflicts = 0
+    for _ in range(times):
+        while True:
+            entry = state.get_entry(group, "total")
+            version = 0 if entry is None else entry.version
+            value = 0 if entry is None else entry.value
+            try:
+                state.set(group, "total", value + 1, expected_version=version)
+                break
+            except ConflictError:
+                conflicts += 1
+    return conflicts
+
+
+def test_cas_race_ends_exact(state: shardstate.StateClient, group: str) -> None:
+    conflicts = ray.get([cas_adder.remote(state, group, 10) for _ in range(20)])
+    assert state.get(group, "total") == 200
+    assert state.get_entry(group, "total").version == 200
+    print(f"CAS race: {sum(conflicts)} conflicts retried")
+    with pytest.raises(ConflictError) as err:
+        state.set(group, "total", 0, expected_version=0)  # 0 = must not exist
+    assert (err.value.expected, err.value.actual) == (0, 200)
+    assert state.get(group, "total") == 200
+
+
+def test_ttl_expiry_everywhere_and_after_restart(new_cluster: dict[str, str]) -> None:
+    state = shardstate.connect(**new_cluster, shards=2)
+    state.set("ttl-g", "short", 1, ttl=1.0)
+    state.set("ttl-g", "long", 2)
+    state.set("ttl-only", "x", 3, ttl=1.0)
+    state.update("ttl-g", "doc", [ops.increment("n")], ttl=1.0)
+    entry = state.get_entry("ttl-g", "short")
+    assert entry.expires_at is not None
+    assert entry.expires_at - entry.updated_at == pytest.approx(1.0)
+    assert state.list_groups() == ["ttl-g", "ttl-only"]
+    assert [i.key for i in state.items("ttl-g")] == ["short", "long", "doc"]
+    time.sleep(1.6)
+    assert state.get("ttl-g", "short") is None
+    assert state.get("ttl-g", "doc") is None
+    assert state.list("ttl-g") == [2]
+    assert [i.key for i in state.items("ttl-g")] == ["long"]
+    assert state.list_groups() == ["ttl-g"]
+    time.sleep(1.5)  # let the shards' own sweeps delete the rows
+    assert shardstate.shutdown(new_cluster["cluster"])
+    again = shardstate.connect(**new_cluster)
+    assert again.list_groups() == ["ttl-g"]
+    assert again.items("ttl-g") == [shardstate.StateItem(key="long", value=2)]
+
+
+def test_corrupt_or_missing_file_is_a_clear_error(new_cluster: dict[str, str]) -> None:
+    state = shardstate.connect(**new_cluster, shards=2)
+    for i in range(20):
+        state.set(f"g{i}", "k", i)
+    assert shardstate.shutdown(new_cluster["cluster"])
+    directory = Path(new_cluster["storage"]) / new_cluster["cluster"]
+    db = directory / "shard-0.db"
+    files = [db, Path(f"{db}-wal"), Path(f"{db}-shm")]
+    saved = {f: f.read_bytes() for f in files if f.exists()}  # the WAL may hold the latest commits
+    for f in files[1:]:
+        f.unlink(missing_ok=True)
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(Unavailable, match="unreadable|corrupt"):
+        shardstate.connect(**new_cluster)
+    for f, data in saved.items():
+        f.write_bytes(data)
+    (directory / "shard-1.db").rename(directory / "shard-1.db.moved")
+    with pytest.raises(Unavailable, match="missing"):
+        shardstate.connect(**new_cluster)
+    (directory / "shard-1.db.moved").rename(directory / "shard-1.db")
+    healed = shardstate.connect(**new_cluster)  # files restored: the cluster starts with all data
+    assert sorted(healed.get(f"g{i}", "k") for i in range(20)) == list(range(20))
+
+
+def test_export_and_import_roundtrip(state: shardstate.StateClient, group: str, tmp_path: Path) -> None:
+    other = group + "-b"
+    state.set(group, "a", {"n": 1, "tags": ["x", "y"]})
+    state.set(group, "b", None)
+    state.set(other, "c", "text é")
+    path = tmp_path / "dump.jsonl"
+    count = shardstate.export(path, groups=[group, other], state=state)
+    assert count == 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[0] == {"group_id": group, "key": "a", "value": {"n": 1, "tags": ["x", "y"]}}
+    state.clear(group)
+    state.clear(other)
+    assert shardstate.import_(path, state=state) == 3
+    assert state.items(group) == [
+        shardstate.StateItem(key="a", value={"n": 1, "tags": ["x", "y"]}),
+        shardstate.StateItem(key="b", value=None),
+    ]
+    assert state.get(other, "c") == "text é"
+    state.set(group, "bad", {1, 2})
+    with pytest.raises(InvalidInput, match="bad"):
+        shardstate.export(tmp_path / "bad.jsonl", groups=[group], state=state)
+    assert not (tmp_path / "bad.jsonl").exists()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"group_id": "g", "key": "k", "value": 1}\n{"oops": 1}\n')
+    with pytest.raises(InvalidInput, match=":2:"):
+        shardstate.import_(broken, state=state)
+    assert state.get("g", "k") is None  # nothing written
