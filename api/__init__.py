@@ -25,8 +25,9 @@ from shardstate._errors import (
     UpdateError,
     ValueTooLarge,
 )
-from shardstate._models import Entry, SetResult, StateItem
+from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._transfer import export, import_
+from shardstate._triggers import WaitTimeout
 from shardstate.cluster.bootstrap import ClusterMismatchWarning
 from shardstate.ops import UpdateOp
 
@@ -36,16 +37,20 @@ __all__ = [
     "AsyncStateClient",
     "ClusterMismatchWarning",
     "ConflictError",
+    "DeadLetter",
     "Entry",
     "InvalidInput",
     "SetResult",
     "StateClient",
     "StateError",
+    "StateEvent",
     "StateItem",
+    "TriggerInfo",
     "Unavailable",
     "UpdateError",
     "UpdateOp",
     "ValueTooLarge",
+    "WaitTimeout",
     "__version__",
     "connect",
     "connect_async",

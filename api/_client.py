@@ -12,14 +12,15 @@ import asyncio
 import builtins
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
+from shardstate import _triggers
 from shardstate._errors import StaleShardMap, StateError, Unavailable
-from shardstate._models import Entry, SetResult, StateItem
+from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._requests import (
     GROUPS_COMMAND,
     Request,
@@ -349,6 +350,72 @@ class StateClient(_ClientBase):
         except (RayError, GetTimeoutError) as exc:
             raise link.unavailable(exc) from exc
 
+    # -- triggers, watching, waiting ----------------------------------------------------------
+    def on_change(
+        self,
+        handler: Callable[..., Any],
+        group_id: str | None = None,
+        key: str | None = None,
+        condition: Callable[[StateEvent], bool] | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Register a durable trigger: run ``handler(event)`` (a Ray task) for every matching change.
+
+        ``group_id``/``key`` are exact-match filters (None: any); ``condition(event)`` decides per
+        event. Delivery is at least once, in commit order per group; ``event.event_id`` is stable
+        across redeliveries. Re-registering a ``name`` replaces it. Returns the trigger's name.
+        """
+        name, record = _triggers.trigger_record(handler, group_id, key, condition, name)
+        self.set(_triggers.TRIGGERS_GROUP, name, record)
+        self._subscribers_ready()
+        return name
+
+    def trigger(
+        self,
+        group_id: str | None = None,
+        key: str | None = None,
+        condition: Callable[[StateEvent], bool] | None = None,
+        name: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator form of :meth:`on_change`: ``@state.trigger(group_id="orders")``."""
+
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            self.on_change(handler, group_id=group_id, key=key, condition=condition, name=name)
+            return handler
+
+        return register
+
+    def remove_trigger(self, name: str) -> bool:
+        """Unregister trigger ``name``; False if there was none."""
+        removed = self.delete(_triggers.TRIGGERS_GROUP, name) is not None
+        self._subscribers_ready()
+        return removed
+
+    def list_triggers(self) -> builtins.list[TriggerInfo]:
+        """The registered triggers."""
+        return [_triggers.info(item.value) for item in self.items(_triggers.TRIGGERS_GROUP)]
+
+    def list_dead_letters(self) -> builtins.list[DeadLetter]:
+        """Events whose handler kept failing, with the last error."""
+        return [_triggers.dead_letter(item.value) for item in self.items(_triggers.DEAD_LETTERS_GROUP)]
+
+    def watch(self, group_id: str | None = None, *, timeout: float | None = None) -> Iterator[StateEvent]:
+        """Stream live events (of ``group_id``, or all) from now on; ends after ``timeout`` if given."""
+        return _triggers.watch(self, group_id, timeout=timeout)
+
+    def wait_until(
+        self, group_id: str, key: str, predicate: Callable[[Any], bool], timeout: float | None = None
+    ) -> Any:
+        """Block until ``predicate(value)`` holds for ``key``; return the value (``WaitTimeout`` if not)."""
+        return _triggers.wait_until(self, group_id, key, predicate, timeout)
+
+    def _subscribers_ready(self) -> None:
+        link = self._link
+        try:
+            ray.get(link.router.subscribers_ready.remote(), timeout=link.timeout)
+        except (RayError, GetTimeoutError) as exc:
+            raise link.unavailable(exc) from exc
+
     def __enter__(self) -> StateClient:
         return self
 
@@ -483,6 +550,51 @@ class AsyncStateClient(_ClientBase):
             return await asyncio.wait_for(link.router.shard_info.remote(), link.timeout)  # type: ignore[no-any-return]
         except (RayError, asyncio.TimeoutError) as exc:
             raise link.unavailable(exc) from exc
+
+    # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------
+    def _sync(self) -> StateClient:
+        return StateClient(self._link)
+
+    async def on_change(
+        self,
+        handler: Callable[..., Any],
+        group_id: str | None = None,
+        key: str | None = None,
+        condition: Callable[[StateEvent], bool] | None = None,
+        name: str | None = None,
+    ) -> str:
+        """See :meth:`StateClient.on_change`."""
+        return await asyncio.to_thread(self._sync().on_change, handler, group_id, key, condition, name)
+
+    async def remove_trigger(self, name: str) -> bool:
+        """See :meth:`StateClient.remove_trigger`."""
+        return await asyncio.to_thread(self._sync().remove_trigger, name)
+
+    async def list_triggers(self) -> builtins.list[TriggerInfo]:
+        """See :meth:`StateClient.list_triggers`."""
+        return await asyncio.to_thread(self._sync().list_triggers)
+
+    async def list_dead_letters(self) -> builtins.list[DeadLetter]:
+        """See :meth:`StateClient.list_dead_letters`."""
+        return await asyncio.to_thread(self._sync().list_dead_letters)
+
+    async def watch(
+        self, group_id: str | None = None, *, timeout: float | None = None
+    ) -> AsyncIterator[StateEvent]:
+        """See :meth:`StateClient.watch` (an async iterator)."""
+        events = await asyncio.to_thread(self._sync().watch, group_id, timeout=timeout)
+        done = object()
+        while True:
+            event = await asyncio.to_thread(next, events, done)
+            if event is done:
+                return
+            yield event  # type: ignore[misc]
+
+    async def wait_until(
+        self, group_id: str, key: str, predicate: Callable[[Any], bool], timeout: float | None = None
+    ) -> Any:
+        """See :meth:`StateClient.wait_until`."""
+        return await asyncio.to_thread(self._sync().wait_until, group_id, key, predicate, timeout)
 
     async def __aenter__(self) -> AsyncStateClient:
         return self

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -57,3 +57,58 @@ class Entry(BaseModel):
     version: int
     updated_at: float
     expires_at: float | None = None
+
+
+class StateEvent(BaseModel):
+    """One committed change of state, as triggers, ``watch`` and ``wait_until`` see it.
+
+    ``seq`` grows by one per event on the shard that owns the group; ``event_id`` (cluster, shard,
+    seq) is the same every time the event is delivered again, so handlers can deduplicate.
+    """
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    event_type: Literal["state:created", "state:updated", "state:deleted"]
+    group_id: str
+    key: str
+    old_value: Any = None
+    new_value: Any = None
+    seq: int
+    event_id: str
+    shard: int = 0
+    at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        """The iii engine payload (``type``, ``event_type``, ``scope``, ``key``, ``old/new_value``)."""
+        return {
+            "type": "state",
+            "event_type": self.event_type,
+            "scope": self.group_id,
+            "key": self.key,
+            "old_value": self.old_value,
+            "new_value": self.new_value,
+        }
+
+
+class DeadLetter(BaseModel):
+    """An event whose handler kept failing: the trigger, the event, the last error, the attempts."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    trigger: str
+    event: StateEvent
+    error: str
+    attempts: int
+    at: float
+
+
+class TriggerInfo(BaseModel):
+    """A registered trigger (what ``list_triggers`` returns)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    group_id: str | None = None
+    key: str | None = None
+    has_condition: bool = False
+    handler: str = ""

@@ -77,6 +77,10 @@ class ClusterConfig:
         """The Ray actor name of shard ``index``."""
         return f"{self.name}:shard:{index}"
 
+    def subscriber_name(self, index: int) -> str:
+        """The Ray actor name of subscriber ``index``."""
+        return f"{self.name}:subscriber:{index}"
+
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict."""
         return asdict(self)

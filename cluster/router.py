@@ -35,10 +35,13 @@ from shardstate._requests import (
 )
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.slots import SlotMap
-from shardstate.shards.actor import shard_actor_class
+from shardstate.cluster.subscriber import subscriber_actor_class
+from shardstate.shards.actor import SWEEP_INTERVAL, shard_actor_class
 from shardstate.shards.storage import StorageError
 
 MANIFEST = "cluster.json"
+#: subscriber actors per cluster (each follows every SUBSCRIBERS-th shard)
+SUBSCRIBERS = 1
 
 
 class RouterActor:
@@ -64,6 +67,15 @@ class RouterActor:
         self.map = SlotMap.initial(self.config.shards)
         self.nodes = _place(self.config.shards, manifest)
         self.shards = [self._start_shard(i, manifest is not None) for i in range(self.config.shards)]
+        self.subscribers = [
+            subscriber_actor_class.options(
+                name=self.config.subscriber_name(i),
+                namespace=NAMESPACE,
+                lifetime="detached",
+                get_if_exists=True,
+            ).remote(self.config.to_dict(), i, SUBSCRIBERS)
+            for i in range(SUBSCRIBERS)
+        ]
 
     def _start_shard(self, index: int, must_exist: bool) -> Any:
         cfg = self.config
@@ -84,6 +96,8 @@ class RouterActor:
             cfg.durability,
             must_exist,
             cfg.op_retention,
+            SWEEP_INTERVAL,
+            cfg.subscriber_name(index % SUBSCRIBERS),
         )
 
     # -- cluster management -------------------------------------------------------------------
@@ -92,6 +106,8 @@ class RouterActor:
         await asyncio.gather(*(s.ping.remote() for s in self.shards))
         if self.manifest_path is not None:
             _write_manifest(self.manifest_path, self.config, self.nodes)
+        for sub in self.subscribers:
+            sub.ensure_running.remote()  # starts the pumps (they pick up unacknowledged events)
         return self.config.to_dict()
 
     def settings(self) -> dict[str, Any]:
@@ -107,10 +123,19 @@ class RouterActor:
         return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
 
     def shutdown(self) -> int:
-        """Stop every shard actor; return how many were stopped."""
-        for shard in self.shards:
-            ray.kill(shard, no_restart=True)
+        """Stop every shard and subscriber actor; return how many shards were stopped."""
+        for actor in [*self.subscribers, *self.shards]:
+            ray.kill(actor, no_restart=True)
         return len(self.shards)
+
+    async def subscribers_ready(self) -> list[int]:
+        """Start (if needed) every subscriber's pumps and reload its triggers; wait for both."""
+        await asyncio.gather(*(s.ensure_running.remote() for s in self.subscribers))
+        return list(await asyncio.gather(*(s.reload_triggers.remote() for s in self.subscribers)))
+
+    async def subscriber_stats(self) -> list[dict[str, Any]]:
+        """Every subscriber's counters."""
+        return list(await asyncio.gather(*(s.stats.remote() for s in self.subscribers)))
 
     # -- the API, forwarded -------------------------------------------------------------------
     async def _forward(self, req: Request) -> Any:

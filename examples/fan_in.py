@@ -16,6 +16,7 @@ import hashlib
 import sys
 import time
 import uuid
+from collections.abc import Callable
 
 import ray
 from rich.console import Console
@@ -41,6 +42,30 @@ def work(state: shardstate.StateClient, job: str, index: int) -> int:
     return result
 
 
+def finalizer(cluster: str, job: str) -> Callable[[shardstate.StateEvent], None]:
+    """The merge step: runs (as a Ray task, via a state trigger) when the last task has landed."""
+
+    def finalize(event: shardstate.StateEvent) -> None:
+        started = time.time()
+        fields = event.new_value["fields"]
+        checksum = sum(fields.values()) % 2**32
+        state = shardstate.connect(cluster=cluster)
+        # op_id = event_id: even if the event were delivered twice, the step takes effect once
+        state.update(
+            job,
+            "final",
+            [
+                ops.set("checksum", checksum),
+                ops.set("last_write_at", event.at),
+                ops.set("fired_at", started),
+                ops.increment("runs"),
+            ],
+            op_id=event.event_id,
+        )
+
+    return finalize
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"[bold]shardstate[/] cluster {state.cluster!r} ({state.config['shards']} shards) "
         f"ready in {startup:.1f}s; fan-in group [cyan]{job}[/]"
+    )
+
+    tasks = args.tasks
+    state.on_change(
+        finalizer(state.cluster, job),
+        group_id=job,
+        key="result",
+        condition=lambda e: e.new_value is not None and e.new_value.get("done") == tasks,
+        name=f"finalize:{job}",
     )
 
     began = time.perf_counter()
@@ -82,26 +116,38 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - began
     results = ray.get(refs)
 
+    fired = state.wait_until(job, "final", lambda v: v is not None, timeout=60)
     final = state.get(job, "result")
     fields = final["fields"]
+    expected_checksum = sum(results) % 2**32
     correct = (
         final["done"] == args.tasks
         and len(fields) == args.tasks
         and all(fields[f"task-{i:05d}"] == r for i, r in enumerate(results))
+        and fired["checksum"] == expected_checksum
     )
+    delay_ms = (fired["fired_at"] - fired["last_write_at"]) * 1000
     table = Table(title="fan-in summary", show_header=False)
     table.add_row("tasks", f"{args.tasks}")
     table.add_row("final count", f"{final['done']}")
     table.add_row("merged fields", f"{len(fields)}")
     table.add_row("elapsed", f"{elapsed:.2f}s")
     table.add_row("updates/s", f"{args.tasks / elapsed:,.0f}")
+    table.add_row("merge trigger", f"ran {fired['runs']}x, {delay_ms:.0f} ms after the last write")
     table.add_row("exact", "[green]yes[/]" if correct else "[red]NO[/]")
     console.print(table)
     console.print(
         f"SUMMARY tasks={args.tasks} count={final['done']} fields={len(fields)} "
-        f"elapsed={elapsed:.2f}s updates_per_s={args.tasks / elapsed:.0f} exact={correct}"
+        f"elapsed={elapsed:.2f}s updates_per_s={args.tasks / elapsed:.0f} "
+        f"trigger_runs={fired['runs']} trigger_after_ms={delay_ms:.0f} exact={correct}"
     )
+    time.sleep(0.5)  # a duplicate delivery (at least once) would show up here as runs=2
+    runs = state.get(job, "final")["runs"]
+    correct = correct and runs == 1
+    state.remove_trigger(f"finalize:{job}")
     state.clear(job)
+    if runs != 1:
+        console.print(f"[red]the merge step ran {runs} times[/]")
     if not args.keep:
         shardstate.shutdown(args.cluster)
     return 0 if correct else 1

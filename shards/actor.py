@@ -15,15 +15,18 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import ray
 
 from shardstate._errors import InvalidInput
+from shardstate.cluster.config import NAMESPACE
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.commands import Result
 from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
+from shardstate.shards.records import Event
 from shardstate.shards.storage import open_storage
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
 
@@ -46,6 +49,7 @@ class ShardActor:
         must_exist: bool = False,
         op_retention: float = DEFAULT_OP_RETENTION,
         sweep_interval: float = SWEEP_INTERVAL,
+        subscriber_name: str | None = None,
     ) -> None:
         started = time.perf_counter()
         self.cluster = cluster
@@ -69,6 +73,8 @@ class ShardActor:
         self.engine.sweep()
         self._commit()
         self.durability = durability
+        self.subscriber_name = subscriber_name or f"{cluster}:subscriber:0"
+        self._subscriber: Any = None
         self.restarted = restarted
         self.load_seconds = time.perf_counter() - started
         if sweep_interval > 0:
@@ -102,14 +108,44 @@ class ShardActor:
         """Execute a batch of commands in order, commit their changes, then answer (one result each)."""
         if not isinstance(batch, (list, tuple)):
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
+        seq = self.engine.seq
         results = self.engine.execute_batch(batch)
         self._commit()
+        if self.engine.seq != seq:
+            self._notify()
         return results
+
+    def _notify(self) -> None:
+        """Tell this shard's subscriber that new events are committed (fire and forget)."""
+        if self._subscriber is None:
+            try:
+                self._subscriber = ray.get_actor(self.subscriber_name, namespace=NAMESPACE)
+            except ValueError:
+                return  # no subscriber (yet): it polls on start
+        self._subscriber.notify.remote(self.index, self.engine.seq)
+
+    def events_since(self, after: int, limit: int = 1000) -> list[Event]:
+        """Committed events with ``seq > after`` (at most ``limit``), in order."""
+        return self.engine.events_since(after, limit)
+
+    def event_state(self) -> tuple[int, int, int]:
+        """``(last seq, last acknowledged seq, oldest seq still in memory)`` of the event log."""
+        log = self.engine.events
+        return (self.engine.seq, self.engine.acked_seq, log[0].seq if log else self.engine.seq + 1)
+
+    def ack(self, seq: int) -> int:
+        """The subscriber handled every event up to ``seq``; storage drops them. Returns the ack."""
+        acked = self.engine.ack(seq)
+        self._commit()
+        return acked
 
     def sweep(self) -> int:
         """Delete expired entries and forget old op results now; return how many entries expired."""
+        seq = self.engine.seq
         expired = self.engine.sweep()
         self._commit()
+        if self.engine.seq != seq:
+            self._notify()
         return expired
 
     def set_slots(self, slots: Iterable[int], epoch: int) -> int:
@@ -142,7 +178,9 @@ class ShardActor:
 
 def _was_restarted() -> bool:
     try:
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        with warnings.catch_warnings():  # Ray warns about its own use of a deprecated accessor
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
     except Exception:  # not inside an actor (unit use)
         return False
 

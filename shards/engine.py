@@ -13,9 +13,11 @@ returns the first result and applies nothing again.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import pickle
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +25,7 @@ import cloudpickle
 
 from shardstate._errors import ConflictError, InvalidInput, StaleShardMap, StateError, UpdateError
 from shardstate.shards import commands as C
-from shardstate.shards.records import Changes, Entry, Loaded, OpRecord
+from shardstate.shards.records import Changes, Entry, Event, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import NOT_JSON, apply_ops
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE, check_name, check_size
@@ -34,6 +36,12 @@ DEFAULT_OP_RETENTION = 24 * 3600.0
 DEFAULT_AUTO_OP_RETENTION = 120.0  # > the clients' default retry_timeout (60 s) + a restart
 #: an automatic retry's remembered result is kept whole up to this size (bytes of old + new value)
 AUTO_RESULT_LIMIT = 16 * 1024
+#: acknowledged events kept in memory for live watchers
+RECENT_EVENTS = 10_000
+
+CREATED = "state:created"
+UPDATED = "state:updated"
+DELETED = "state:deleted"
 
 
 class ShardEngine:
@@ -68,6 +76,10 @@ class ShardEngine:
         self.ops: dict[str, tuple[float, Any]] = {}
         self.auto_ops: dict[str, tuple[float, Any]] = {}
         self._expiry: list[tuple[float, str, str]] = []
+        #: the event log: every committed change, in seq order (unacknowledged ones + a recent tail)
+        self.events: deque[Event] = deque()
+        self.seq = 0
+        self.acked_seq = 0
         self._changes = Changes()
         self._now = 0.0
         self._handlers: dict[str, Callable[[Any, Any, Any, dict[str, Any]], Any]] = {
@@ -94,6 +106,8 @@ class ShardEngine:
             if expires_at is not None:
                 expiry.append((expires_at, group_id, key))
         heapq.heapify(expiry)
+        self.seq, self.acked_seq = loaded.seq, loaded.acked_seq
+        self.events.extend(loaded.events)
         for op_id, created_at in loaded.op_ids:
             table = self.auto_ops if op_id.startswith(AUTO_OP_PREFIX) else self.ops
             table[op_id] = (created_at, _STORED)
@@ -117,9 +131,34 @@ class ShardEngine:
         changes, self._changes = self._changes, Changes()
         return changes
 
+    def events_since(self, after: int, limit: int = 1000) -> list[Event]:
+        """Up to ``limit`` events with ``seq > after``, in order (from the in-memory log)."""
+        log = self.events
+        if not log or after >= log[-1].seq:
+            return []
+        start = max(0, after + 1 - log[0].seq)
+        return list(itertools.islice(log, start, start + limit))
+
+    def ack(self, seq: int) -> int:
+        """The subscribers handled every event up to ``seq``: let storage drop them; keep a tail."""
+        seq = min(seq, self.seq)
+        if seq > self.acked_seq:
+            self.acked_seq = seq
+            self._changes.acked_seq = seq
+        log = self.events
+        while log and log[0].seq <= self.acked_seq and len(log) > RECENT_EVENTS:
+            log.popleft()
+        return self.acked_seq
+
+    def _emit(self, kind: str, group_id: str, key: str, old: bytes | None, new: bytes | None) -> None:
+        self.seq += 1
+        event = Event(self.seq, kind, group_id, key, old, new, self._now)
+        self.events.append(event)
+        self._changes.events.append(event)
+
     def sweep(self, now: float | None = None) -> int:
         """Remove expired entries and forget old op results; return how many entries expired."""
-        now = self.clock() if now is None else now
+        now = self._now = self.clock() if now is None else now
         expired = self._expire(now)
         self._prune(self.ops, now - self.op_retention)
         self._prune(self.auto_ops, now - self.auto_op_retention)
@@ -191,6 +230,7 @@ class ShardEngine:
             if entry is not None and entry.expires_at == expires_at:
                 self.store.delete(group_id, key)
                 self._changes.delete(group_id, key)
+                self._emit(DELETED, group_id, key, entry.data, None)
                 count += 1
         return count
 
@@ -200,7 +240,7 @@ class ShardEngine:
             if created_at >= cutoff:
                 break
             del table[op_id]
-            self._changes.pruned_ops.append(op_id)
+            self._changes.prune_op(op_id)
 
     def _live(self, group_id: str, key: str) -> Entry | None:
         entry = self.store.get(group_id, key)
@@ -232,6 +272,13 @@ class ShardEngine:
         entry = Entry(data, 1 if current is None else current.version + 1, self._now, expires_at)
         self.store.put(group_id, key, entry)
         self._changes.put(group_id, key, entry, created=current is None)
+        self._emit(
+            CREATED if current is None else UPDATED,
+            group_id,
+            key,
+            None if current is None else current.data,
+            data,
+        )
         if expires_at is not None:
             heapq.heappush(self._expiry, (expires_at, group_id, key))
 
@@ -260,6 +307,7 @@ class ShardEngine:
             return None
         self.store.delete(group_id, key)
         self._changes.delete(group_id, key)
+        self._emit(DELETED, group_id, key, current.data, None)
         return current.data
 
     def _list(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[bytes]:
@@ -276,6 +324,8 @@ class ShardEngine:
         removed = self._visible(group_id)
         if self.store.clear(group_id):
             self._changes.clear(group_id)
+        for key, entry in removed:
+            self._emit(DELETED, group_id, key, entry.data, None)
         return len(removed)
 
     def _groups(self, _group: Any, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[str]:

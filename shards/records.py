@@ -24,6 +24,22 @@ class OpRecord(NamedTuple):
     result: bytes
 
 
+class Event(NamedTuple):
+    """One committed change, as the shard's event log (outbox) keeps it.
+
+    ``kind`` is ``"state:created" | "state:updated" | "state:deleted"``; ``old``/``new`` are the
+    pickled values (None where there is none); ``seq`` grows by one per event on this shard.
+    """
+
+    seq: int
+    kind: str
+    group_id: str
+    key: str
+    old: bytes | None
+    new: bytes | None
+    at: float
+
+
 @dataclass
 class Changes:
     """What one batch changed, in a form storage can apply in one transaction.
@@ -37,6 +53,10 @@ class Changes:
     cleared: set[str] = field(default_factory=set)
     op_records: list[OpRecord] = field(default_factory=list)
     pruned_ops: list[str] = field(default_factory=list)
+    #: events of this batch, written in the same transaction as the entries (the outbox)
+    events: list[Event] = field(default_factory=list)
+    #: the subscribers acknowledged every event up to this seq: storage may drop them
+    acked_seq: int | None = None
 
     def put(self, group_id: str, key: str, entry: Entry, created: bool) -> None:
         """Record that ``key`` now holds ``entry`` (``created``: it did not exist before this write).
@@ -63,8 +83,21 @@ class Changes:
             del self.entries[gk]
         self.cleared.add(group_id)
 
+    def prune_op(self, op_id: str) -> None:
+        """Record that ``op_id`` is forgotten (also if it was recorded earlier in this change set)."""
+        if any(r.op_id == op_id for r in self.op_records):
+            self.op_records = [r for r in self.op_records if r.op_id != op_id]
+        self.pruned_ops.append(op_id)
+
     def __bool__(self) -> bool:
-        return bool(self.entries or self.cleared or self.op_records or self.pruned_ops)
+        return bool(
+            self.entries
+            or self.cleared
+            or self.op_records
+            or self.pruned_ops
+            or self.events
+            or self.acked_seq is not None
+        )
 
 
 @dataclass
@@ -78,3 +111,8 @@ class Loaded:
 
     entries: Iterable[tuple[str, str, bytes, int, float, float | None]]
     op_ids: list[tuple[str, float]]
+    #: events not yet acknowledged by the subscribers, in seq order
+    events: list[Event] = field(default_factory=list)
+    #: the last seq this shard handed out, and the last one its subscribers acknowledged
+    seq: int = 0
+    acked_seq: int = 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from shardstate._errors import StateError
-from shardstate.shards.records import Changes, Loaded
+from shardstate.shards.records import Changes, Event, Loaded
 
 DURABILITY_LEVELS = ("fsync", "os", "memory")
 
@@ -78,6 +78,15 @@ CREATE TABLE IF NOT EXISTS entries (
 );
 CREATE TABLE IF NOT EXISTS ops (op_id TEXT PRIMARY KEY, created_at REAL NOT NULL, result BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS ops_by_age ON ops (created_at);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    key TEXT NOT NULL,
+    old BLOB,
+    new BLOB,
+    at REAL NOT NULL
+);
 """
 _UPSERT = (
     "INSERT INTO entries (grp, key, data, version, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
@@ -85,6 +94,7 @@ _UPSERT = (
     "updated_at = excluded.updated_at, expires_at = excluded.expires_at"
 )
 SCHEMA_VERSION = "1"
+_SET_META = "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v"
 
 
 class SqliteStorage:
@@ -123,7 +133,14 @@ class SqliteStorage:
             "SELECT grp, key, data, version, updated_at, expires_at FROM entries ORDER BY pos"
         )
         op_ids = self.db.execute("SELECT op_id, created_at FROM ops ORDER BY created_at").fetchall()
-        return Loaded(entries, op_ids)
+        meta = dict(self.db.execute("SELECT k, v FROM meta WHERE k IN ('seq', 'acked_seq')").fetchall())
+        acked = int(meta.get("acked_seq", 0))
+        rows = self.db.execute(
+            "SELECT seq, kind, grp, key, old, new, at FROM events WHERE seq > ? ORDER BY seq", (acked,)
+        )
+        events = [Event(*row) for row in rows]
+        seq = max(int(meta.get("seq", 0)), events[-1].seq if events else 0)
+        return Loaded(entries, op_ids, events, seq, acked)
 
     def fetch_op(self, op_id: str) -> bytes | None:
         row = self.db.execute("SELECT result FROM ops WHERE op_id = ?", (op_id,)).fetchone()
@@ -147,6 +164,12 @@ class SqliteStorage:
                 db.executemany("DELETE FROM ops WHERE op_id = ?", [(op,) for op in changes.pruned_ops])
             if changes.op_records:
                 db.executemany("INSERT OR REPLACE INTO ops VALUES (?, ?, ?)", changes.op_records)
+            if changes.events:
+                db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", changes.events)
+                db.execute(_SET_META, ("seq", str(changes.events[-1].seq)))
+            if changes.acked_seq is not None:
+                db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
+                db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")

@@ -760,8 +760,11 @@ def test_a_repeated_auto_delete_of_a_large_value_keeps_the_delete_payload_shape(
     big = enc("x" * (AUTO_RESULT_LIMIT + 10))
     ok(do(engine, C.SET, "g", "k", big))
     assert ok(do(engine, C.DELETE, "g", "k", op_id=f"{AUTO_OP_PREFIX}del")) == big
+    ok(do(engine, C.SET, "g", "k", enc("new")))
     again = ok(do(engine, C.DELETE, "g", "k", op_id=f"{AUTO_OP_PREFIX}del"))
-    assert again is None or isinstance(again, bytes), again
+    assert again is None or isinstance(again, bytes), again  # the delete's shape, not (None, current)
+    assert again == big  # a delete's result is kept whole
+    assert ok(do(engine, C.GET, "g", "k")) == enc("new")
 
 
 @pytest.mark.parametrize("op_id", [5, 0, "", b"op", ["op"], True, 1.5])

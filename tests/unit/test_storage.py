@@ -72,7 +72,10 @@ def engine_layout(engine: ShardEngine) -> dict[str, list[tuple[str, Entry]]]:
 
 
 def materialize(loaded: Loaded) -> Loaded:
-    return Loaded(list(loaded.entries), list(loaded.op_ids))
+    """``loaded`` with its lazily read parts read (a cursor does not outlive its connection)."""
+    return Loaded(
+        list(loaded.entries), list(loaded.op_ids), list(loaded.events), loaded.seq, loaded.acked_seq
+    )
 
 
 def reopen(path: Path) -> Loaded:
@@ -335,6 +338,10 @@ class StorageMachine(RuleBasedStateMachine):
             assert created(engine.ops) == created(first.ops)
             assert created(engine.auto_ops) == created(first.auto_ops)
         assert set(first.ops) | set(first.auto_ops) == set(self.remembered)
+        # the change events (the outbox) survive restarts too: nothing acknowledged them here
+        for engine in self.engines[1:]:
+            assert engine.seq == first.seq
+            assert list(engine.events) == list(first.events)
         # and the file holds what the engines hold
         loaded = reopen(self.path)
         assert layout(loaded.entries) == engine_layout(first)
@@ -591,6 +598,7 @@ def test_a_restarted_engine_still_deduplicates_and_expires(storage: SqliteStorag
 
 
 def test_an_op_id_pruned_and_reused_in_one_change_set_stays_remembered(storage: SqliteStorage) -> None:
+    """take_changes() collects everything since the last call, a sweep and a batch alike."""
     clock = FakeClock()
     engine = ShardEngine(clock=clock, op_retention=10.0)
     run(engine, command(C.UPDATE, "g", "k", INCR, {"op_id": "job"}))
@@ -601,6 +609,16 @@ def test_an_op_id_pruned_and_reused_in_one_change_set_stays_remembered(storage: 
     assert "job" in engine.ops
     _commit(engine, storage)  # one change set for both
     assert [op_id for op_id, _ in reopen(storage.path).op_ids] == ["job"]
+
+
+def test_an_op_id_recorded_and_pruned_in_one_change_set_is_forgotten(storage: SqliteStorage) -> None:
+    clock = FakeClock()
+    engine = ShardEngine(clock=clock, op_retention=10.0)
+    run(engine, command(C.UPDATE, "g", "k", INCR, {"op_id": "job"}))
+    engine.sweep(now=T0 + 11)  # forgets "job" before its record was committed
+    assert "job" not in engine.ops
+    _commit(engine, storage)  # one change set for both
+    assert reopen(storage.path).op_ids == []
 
 
 # --------------------------------------------------------------------------------------------

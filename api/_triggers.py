@@ -1,0 +1,161 @@
+"""State triggers, watching and waiting, for the sync client (the async client wraps these).
+
+A trigger is stored durably in the cluster's own state (the system group ``__shardstate:triggers``),
+so it survives restarts until ``remove_trigger``; the subscriber actors run it. ``watch`` and
+``wait_until`` read the shards' event logs (what the subscribers deliver from), from the moment
+they start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import ray
+
+from shardstate._errors import InvalidInput, StateError
+from shardstate._models import DeadLetter, StateEvent, TriggerInfo
+from shardstate.cluster.slots import slot_of
+from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP, to_state_event
+from shardstate.shards.validation import check_name
+
+if TYPE_CHECKING:
+    from shardstate._client import StateClient
+
+POLL = 0.02
+
+
+class WaitTimeout(StateError, TimeoutError):
+    """``wait_until`` ran out of time before the predicate held."""
+
+
+def trigger_record(
+    handler: Callable[..., Any],
+    group_id: str | None,
+    key: str | None,
+    condition: Callable[[StateEvent], bool] | None,
+    name: str | None,
+) -> tuple[str, dict[str, Any]]:
+    """Check a trigger's arguments; return its name and the record stored for it."""
+    if not callable(handler) and not hasattr(handler, "remote"):
+        raise InvalidInput(f"handler must be callable or a Ray remote function, got {type(handler).__name__}")
+    if condition is not None and not callable(condition):
+        raise InvalidInput(f"condition must be callable, got {type(condition).__name__}")
+    if group_id is not None:
+        check_name(group_id, "group_id")
+    if key is not None:
+        check_name(key, "key")
+    if name is None:
+        base = getattr(handler, "__qualname__", None) or getattr(
+            getattr(handler, "_function", None), "__qualname__", type(handler).__name__
+        )
+        name = f"{base}:{group_id or '*'}:{key or '*'}"
+    check_name(name, "name")
+    try:
+        handler_blob = cloudpickle.dumps(handler)
+        condition_blob = None if condition is None else cloudpickle.dumps(condition)
+    except Exception as exc:
+        raise InvalidInput(f"trigger handler/condition cannot be pickled: {exc}") from None
+    record = {
+        "name": name,
+        "group_id": group_id,
+        "key": key,
+        "handler": handler_blob,
+        "condition": condition_blob,
+        "handler_name": getattr(handler, "__qualname__", repr(handler)),
+    }
+    return name, record
+
+
+def info(record: dict[str, Any]) -> TriggerInfo:
+    """The public view of a stored trigger record."""
+    return TriggerInfo(
+        name=record["name"],
+        group_id=record.get("group_id"),
+        key=record.get("key"),
+        has_condition=record.get("condition") is not None,
+        handler=record.get("handler_name", ""),
+    )
+
+
+def dead_letter(value: dict[str, Any]) -> DeadLetter:
+    """A stored dead letter as the public model."""
+    return DeadLetter(**{**value, "event": StateEvent(**value["event"])})
+
+
+def _heads(state: StateClient, shards: list[int]) -> dict[int, int]:
+    view = state._link.current()
+    states = ray.get([view.shards[s].event_state.remote() for s in shards], timeout=state._link.timeout)
+    return {s: st[0] for s, st in zip(shards, states, strict=True)}
+
+
+def watch(
+    state: StateClient, group_id: str | None = None, *, poll: float = POLL, timeout: float | None = None
+) -> Generator[StateEvent, None, None]:
+    """Live events (of ``group_id``, or all user groups) committed from now on, in order per shard.
+
+    The starting point is taken at once (before this returns); the iterator then ends after
+    ``timeout`` seconds if given, else runs until closed.
+    """
+    if group_id is not None:
+        check_name(group_id, "group_id")
+    view = state._link.current()
+    shards = [view.owners[slot_of(group_id)]] if group_id is not None else list(range(len(view.shards)))
+    cursors = _heads(state, shards)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return _follow(state, group_id, cursors, poll, deadline)
+
+
+def _follow(
+    state: StateClient, group_id: str | None, cursors: dict[int, int], poll: float, deadline: float | None
+) -> Generator[StateEvent, None, None]:
+    link = state._link
+    shards = list(cursors)
+    while deadline is None or time.monotonic() < deadline:
+        link.check_open()
+        view = link.current()
+        got = False
+        refs = {s: view.shards[s].events_since.remote(cursors[s], 1000) for s in shards}
+        for shard, ref in refs.items():
+            try:
+                records = ray.get(ref, timeout=link.timeout)
+            except ray.exceptions.RayActorError:
+                continue  # restarting: the log is durable, read again later
+            for record in records:
+                cursors[shard] = record.seq
+                got = True
+                if group_id is None or record.group_id == group_id:
+                    if record.group_id.startswith("__shardstate:") and group_id is None:
+                        continue
+                    yield to_state_event(link.cluster, shard, record)
+        if not got:
+            time.sleep(poll)
+
+
+def wait_until(
+    state: StateClient,
+    group_id: str,
+    key: str,
+    predicate: Callable[[Any], bool],
+    timeout: float | None = None,
+) -> Any:
+    """Block until ``predicate(value of key)`` holds; return that value (``WaitTimeout`` otherwise).
+
+    Reads the value once, then follows the group's events (no re-reading of the value).
+    """
+    check_name(key, "key")
+    events = watch(state, group_id, timeout=timeout)  # follow first, so no change slips through
+    value = state.get(group_id, key)
+    if predicate(value):
+        events.close()
+        return value
+    for event in events:
+        if event.key == key and predicate(event.new_value):
+            events.close()
+            return event.new_value
+    raise WaitTimeout(f"{group_id!r}/{key!r} did not satisfy the predicate within {timeout}s")
+
+
+__all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "WaitTimeout", "watch", "wait_until"]
