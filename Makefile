@@ -8,14 +8,15 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $@
 
 demo: $(VENV)/.installed  ## the fan-in workflow on a local embedded Ray (TASKS=1000)
 	$(PY) examples/fan_in.py --tasks $(or $(TASKS),1000)
 
-test: $(VENV)/.installed  ## lint + the whole test suite
+test: $(VENV)/.installed  ## lint + types + the whole test suite
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy --ignore-missing-imports api shards cluster
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed
@@ -25,6 +26,7 @@ bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/r
 	$(PY) -m bench.latency
 	$(PY) -m bench.durability
 	$(PY) -m bench.triggers
+	$(PY) -m bench.compare
 	$(PY) -m bench.recovery
 
 clean:

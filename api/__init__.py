@@ -26,6 +26,7 @@ from shardstate._errors import (
     ValueTooLarge,
 )
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
+from shardstate._pipeline import AsyncPipeline, Pipeline
 from shardstate._transfer import export, import_
 from shardstate._triggers import WaitTimeout
 from shardstate.cluster.bootstrap import ClusterMismatchWarning
@@ -34,12 +35,14 @@ from shardstate.ops import UpdateOp
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncPipeline",
     "AsyncStateClient",
     "ClusterMismatchWarning",
     "ConflictError",
     "DeadLetter",
     "Entry",
     "InvalidInput",
+    "Pipeline",
     "SetResult",
     "StateClient",
     "StateError",

@@ -12,15 +12,17 @@ import asyncio
 import builtins
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate import _triggers
+from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes
 from shardstate._errors import StaleShardMap, StateError, Unavailable
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
+from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
 from shardstate._requests import (
     GROUPS_COMMAND,
     Request,
@@ -67,6 +69,7 @@ class ClusterLink:
         self.max_value_size: int = config["max_value_size"]
         self.closed = False
         self._lock = threading.Lock()
+        self.lanes = SyncLanes(self)
         self.view: ShardView | None = None
 
     def check_open(self) -> None:
@@ -201,6 +204,14 @@ class StateClient(_ClientBase):
     """
 
     def _run(self, req: Request) -> Any:
+        """Send ``req`` through its shard's lane (coalesced with concurrent calls of this process)."""
+        link = self._link
+        link.check_open()
+        shard = link.current().owners[slot_of(req.group_id)]
+        return link.lanes.call(shard, req, self._run_direct)
+
+    def _run_direct(self, req: Request) -> Any:
+        """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
         link = self._link
         link.check_open()
         backoff: Backoff | None = None
@@ -350,6 +361,24 @@ class StateClient(_ClientBase):
         except (RayError, GetTimeoutError) as exc:
             raise link.unavailable(exc) from exc
 
+    # -- batches ------------------------------------------------------------------------------
+    def pipeline(self) -> Pipeline:
+        """Queue calls and send them together (one actor call per shard); see :class:`Pipeline`."""
+        return Pipeline(self)
+
+    def set_many(
+        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> builtins.list[SetResult]:
+        """Set many keys of one group in one call; raises the first error (the others still apply)."""
+        limit = self._link.max_value_size
+        return first_error(
+            self._run_many([set_request(group_id, k, v, limit, ttl=ttl) for k, v in values.items()])
+        )
+
+    def get_many(self, group_id: str, keys: Sequence[str]) -> builtins.list[Any]:
+        """The values of many keys of one group (None where absent), in one call."""
+        return first_error(self._run_many([get_request(group_id, k) for k in keys]))
+
     # -- triggers, watching, waiting ----------------------------------------------------------
     def on_change(
         self,
@@ -433,6 +462,15 @@ class AsyncStateClient(_ClientBase):
     _kind = "async"
 
     async def _run(self, req: Request) -> Any:
+        """Send ``req`` through its shard's lane on this event loop (coalesced with concurrent calls)."""
+        link = self._link
+        link.check_open()
+        view = link.view or await link.refresh_async()
+        shard = view.owners[slot_of(req.group_id)]
+        return await async_lanes(link).call(shard, req, self._run_direct)
+
+    async def _run_direct(self, req: Request) -> Any:
+        """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
         link = self._link
         link.check_open()
         view = link.view or await link.refresh_async()
@@ -550,6 +588,36 @@ class AsyncStateClient(_ClientBase):
             return await asyncio.wait_for(link.router.shard_info.remote(), link.timeout)  # type: ignore[no-any-return]
         except (RayError, asyncio.TimeoutError) as exc:
             raise link.unavailable(exc) from exc
+
+    # -- batches ------------------------------------------------------------------------------
+    def pipeline(self) -> AsyncPipeline:
+        """Queue calls and send them together (one actor call per shard); ``async with`` it."""
+        return AsyncPipeline(self)
+
+    async def set_many(
+        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None
+    ) -> builtins.list[SetResult]:
+        """Set many keys of one group in one call; raises the first error (the others still apply)."""
+        limit = self._link.max_value_size
+        reqs = [set_request(group_id, k, v, limit, ttl=ttl) for k, v in values.items()]
+        return first_error(await self._run_many(reqs))
+
+    async def get_many(self, group_id: str, keys: Sequence[str]) -> builtins.list[Any]:
+        """The values of many keys of one group (None where absent), in one call."""
+        return first_error(await self._run_many([get_request(group_id, k) for k in keys]))
+
+    async def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        link = self._link
+        link.check_open()
+        view = link.view or await link.refresh_async()
+        lanes = AsyncLanes(link)  # a private lane set: one batch per shard, sent at once
+        by_shard: dict[int, builtins.list[Slot]] = {}
+        slots = [Slot(req) for req in reqs]
+        for slot in slots:
+            by_shard.setdefault(view.owners[slot_of(slot.req.group_id)], []).append(slot)
+        await asyncio.gather(*(lanes._send(s, batch, self._run_direct) for s, batch in by_shard.items()))
+        return [(slot.ok, slot.value) for slot in slots]
 
     # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------
     def _sync(self) -> StateClient:

@@ -73,6 +73,8 @@ class ShardActor:
         self.engine.sweep()
         self._commit()
         self.durability = durability
+        self.batches = 0
+        self.commands = 0
         self.subscriber_name = subscriber_name or f"{cluster}:subscriber:0"
         self._subscriber: Any = None
         self.restarted = restarted
@@ -109,6 +111,8 @@ class ShardActor:
         if not isinstance(batch, (list, tuple)):
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
         seq = self.engine.seq
+        self.batches += 1
+        self.commands += len(batch)
         results = self.engine.execute_batch(batch)
         self._commit()
         if self.engine.seq != seq:
@@ -169,6 +173,8 @@ class ShardActor:
             "durability": self.durability,
             "restarted": self.restarted,
             "load_seconds": self.load_seconds,
+            "batches": self.batches,
+            "commands": self.commands,
         }
 
     def ping(self) -> int:

@@ -38,6 +38,8 @@ DEFAULT_AUTO_OP_RETENTION = 120.0  # > the clients' default retry_timeout (60 s)
 AUTO_RESULT_LIMIT = 16 * 1024
 #: acknowledged events kept in memory for live watchers
 RECENT_EVENTS = 10_000
+#: ... and at most this many bytes of their values
+RECENT_EVENT_BYTES = 64 * 1024 * 1024
 
 CREATED = "state:created"
 UPDATED = "state:updated"
@@ -80,8 +82,11 @@ class ShardEngine:
         self.events: deque[Event] = deque()
         self.seq = 0
         self.acked_seq = 0
+        self._event_bytes = 0
         self._changes = Changes()
         self._now = 0.0
+        #: values decoded by updates in the current batch: a hot key is unpickled once per batch
+        self._decoded: dict[tuple[str, str], tuple[bytes, Any]] = {}
         self._handlers: dict[str, Callable[[Any, Any, Any, dict[str, Any]], Any]] = {
             C.SET: self._set,
             C.GET: self._get,
@@ -108,6 +113,7 @@ class ShardEngine:
         heapq.heapify(expiry)
         self.seq, self.acked_seq = loaded.seq, loaded.acked_seq
         self.events.extend(loaded.events)
+        self._event_bytes = sum(_event_size(e) for e in loaded.events)
         for op_id, created_at in loaded.op_ids:
             table = self.auto_ops if op_id.startswith(AUTO_OP_PREFIX) else self.ops
             table[op_id] = (created_at, _STORED)
@@ -119,6 +125,7 @@ class ShardEngine:
         Expired entries are removed first, so no command of the batch sees them.
         """
         self._now = self.clock() if now is None else now
+        self._decoded.clear()
         self._expire(self._now)
         return [self._execute(cmd) for cmd in batch]
 
@@ -146,14 +153,19 @@ class ShardEngine:
             self.acked_seq = seq
             self._changes.acked_seq = seq
         log = self.events
-        while log and log[0].seq <= self.acked_seq and len(log) > RECENT_EVENTS:
-            log.popleft()
+        while (
+            log
+            and log[0].seq <= self.acked_seq
+            and (len(log) > RECENT_EVENTS or self._event_bytes > RECENT_EVENT_BYTES)
+        ):
+            self._event_bytes -= _event_size(log.popleft())
         return self.acked_seq
 
     def _emit(self, kind: str, group_id: str, key: str, old: bytes | None, new: bytes | None) -> None:
         self.seq += 1
         event = Event(self.seq, kind, group_id, key, old, new, self._now)
         self.events.append(event)
+        self._event_bytes += _event_size(event)
         self._changes.events.append(event)
 
     def sweep(self, now: float | None = None) -> int:
@@ -336,12 +348,17 @@ class ShardEngine:
         self._check_version(current, opts)
         value: Any = None
         if current is not None:
-            try:
-                value = pickle.loads(current.data)
-            except Exception as exc:  # a class the shard cannot import: not a JSON-like value
-                raise UpdateError(f"the stored value cannot be updated: {exc}", 0, NOT_JSON) from None
+            cached = self._decoded.get((group_id, key))
+            if cached is not None and cached[0] is current.data:
+                value = cached[1]  # updated earlier in this batch: apply_ops never mutates its input
+            else:
+                try:
+                    value = pickle.loads(current.data)
+                except Exception as exc:  # a class the shard cannot import: not a JSON-like value
+                    raise UpdateError(f"the stored value cannot be updated: {exc}", 0, NOT_JSON) from None
         new_value = apply_ops(value, ops, exists=current is not None)
         new = check_size(_dumps(new_value), self.max_value_size)
+        self._decoded[(group_id, key)] = (new, new_value)
         self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True))
         return (None if current is None else current.data, new)
 
@@ -355,6 +372,10 @@ class _Forgotten:
 
 _FORGOTTEN = _Forgotten()
 _STORED: Any = object()  # an op result that is in storage, not in memory
+
+
+def _event_size(event: Event) -> int:
+    return len(event.old or b"") + len(event.new or b"") + 100
 
 
 def _payload_size(payload: Any) -> int:

@@ -539,6 +539,30 @@ def test_insertion_order_survives_many_batches_and_a_restart(storage: SqliteStor
     assert engine_layout(restarted) == engine_layout(engine)
 
 
+def test_a_rewritten_key_keeps_its_row_and_takes_the_new_metadata(storage: SqliteStorage) -> None:
+    clock = FakeClock()
+    engine = _engine(clock)
+    steps: list[tuple[Any, ...]] = [
+        (command(C.SET, "g", "k", enc(1), {"ttl": 10}), (enc(1), 1, T0, T0 + 10)),
+        (command(C.SET, "g", "k", enc(2)), (enc(2), 2, T0 + 1, None)),  # no ttl: the TTL is gone
+        (command(C.UPDATE, "g", "k", [{"type": "set", "path": "", "value": 3}], {"ttl": 5}), None),
+        (command(C.SET, "g", "k", enc(4), {"ttl": 50}), (enc(4), 4, T0 + 3, T0 + 53)),
+        (command(C.UPDATE, "g", "k", [{"type": "set", "path": "", "value": 5}]), None),  # keeps the TTL
+    ]
+    run(engine, command(C.SET, "g", "first", enc(0)))
+    for i, (cmd, expected) in enumerate(steps):
+        clock.now = T0 + i
+        run(engine, cmd)
+        _commit(engine, storage)
+        stored = layout(reopen(storage.path).entries)["g"]
+        assert [k for k, _ in stored] == ["first", "k"]
+        assert stored[1][1] == engine.store.get("g", "k")
+        if expected is not None:
+            assert tuple(stored[1][1]) == expected
+    assert tuple(engine.store.get("g", "k") or ())[1:] == (5, T0 + 4, T0 + 53)
+    assert tuple(layout(reopen(storage.path).entries)["g"][1][1])[1:] == (5, T0 + 4, T0 + 53)
+
+
 def test_entries_and_op_records_round_trip_exactly(storage: SqliteStorage) -> None:
     clock = FakeClock(1_700_000_000.123456)
     engine = ShardEngine(clock=clock, op_retention=10.0)

@@ -1,0 +1,113 @@
+"""Coalescing clients and pipelines: batched on the wire, exact and individually answered."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+import shardstate
+from shardstate import UpdateError, ops
+from shardstate.cluster.slots import slot_of
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def owner_counters(state: shardstate.StateClient, group: str) -> tuple[int, int]:
+    info = state.shard_info()[state._link.current().owners[slot_of(group)]]
+    return info["batches"], info["commands"]
+
+
+def test_threads_coalesce_and_stay_exact(state: shardstate.StateClient, group: str) -> None:
+    b0, c0 = owner_counters(state, group)
+    start = threading.Barrier(16)
+
+    def worker(t: int) -> None:
+        start.wait()
+        for i in range(625):
+            state.update(group, "hot", [ops.increment("n")])
+            state.update(group, f"own-{t}", [ops.append("seen", i)])  # one caller's order on one key
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert state.get(group, "hot") == {"n": 10_000}
+    for t in range(16):
+        assert state.get(group, f"own-{t}") == {"seen": list(range(625))}
+    b1, c1 = owner_counters(state, group)
+    calls, commands = b1 - b0, c1 - c0
+    assert commands >= 20_000
+    assert calls < commands / 2, f"{commands} commands in {calls} actor calls: not coalesced"
+
+
+def test_asyncio_tasks_coalesce_keep_order_and_isolate_errors(
+    state: shardstate.StateClient, group: str
+) -> None:
+    async def main() -> None:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        b0, c0 = owner_counters(state, group)
+        results = await asyncio.gather(
+            *(astate.update(group, "hot", [ops.increment("n")]) for _ in range(10_000))
+        )
+        assert sorted(r.new_value["n"] for r in results) == list(range(1, 10_001))
+        b1, c1 = owner_counters(state, group)
+        assert (c1 - c0) / (b1 - b0) > 10, "asyncio calls were not coalesced"
+        # tasks created in order keep their order on one key
+        await asyncio.gather(*(astate.update(group, "ordered", [ops.append("seen", i)]) for i in range(500)))
+        assert (await astate.get(group, "ordered")) == {"seen": list(range(500))}
+        # an error in one coalesced op fails only that op
+        await astate.set(group, "mixed", {"n": 0, "s": "text"})
+        calls = [
+            astate.update(group, "mixed", [ops.increment("s" if i % 10 == 0 else "n")]) for i in range(200)
+        ]
+        outcomes: list[Any] = await asyncio.gather(*calls, return_exceptions=True)
+        failed = [i for i, o in enumerate(outcomes) if isinstance(o, UpdateError)]
+        assert failed == list(range(0, 200, 10))
+        assert all(o.code == "not_number" for o in outcomes if isinstance(o, UpdateError))
+        assert (await astate.get(group, "mixed"))["n"] == 180
+
+    asyncio.run(main())
+
+
+def test_pipeline_results_in_order_with_per_op_errors(state: shardstate.StateClient, group: str) -> None:
+    other = group + "-other"
+    with state.pipeline() as p:
+        p.set(group, "a", 1)
+        p.update(group, "a", [ops.increment("n")])  # fails: a is an int
+        p.set(other, "b", {"x": 1})
+        p.update(other, "b", [ops.increment("x", 2)])
+        p.get(group, "a")
+        p.get(other, "missing")
+        p.delete(other, "b")
+    r = p.results
+    assert r is not None
+    assert r[0] == shardstate.SetResult(old_value=None, new_value=1)
+    assert isinstance(r[1], UpdateError)
+    assert r[1].code == "not_object"
+    assert r[3].new_value == {"x": 3}
+    assert r[4:] == [1, None, {"x": 3}]
+    with pytest.raises(shardstate.InvalidInput):  # a bad call is refused when it is queued
+        state.pipeline().set("", "k", 1)
+
+
+def test_bulk_helpers_and_async_pipeline(state: shardstate.StateClient, group: str) -> None:
+    results = state.set_many(group, {f"k{i}": i for i in range(100)})
+    assert [r.new_value for r in results] == list(range(100))
+    assert state.get_many(group, ["k3", "nope", "k99"]) == [3, None, 99]
+
+    async def main() -> list[Any]:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        async with astate.pipeline() as p:
+            for i in range(50):
+                p.update(group, f"k{i}", [ops.set("", i * 10)])
+            p.get(group, "k7")
+        assert await astate.get_many(group, ["k1", "k2"]) == [10, 20]
+        return p.results or []
+
+    out = asyncio.run(main())
+    assert out[-1] == 70
+    assert [r.new_value for r in out[:50]] == [i * 10 for i in range(50)]
