@@ -32,6 +32,8 @@ import ray
 
 import shardstate
 from bench._common import percentile, report
+from bench.durability import merge_task, noop_task
+from bench.latency import timed
 from shardstate import ops
 
 
@@ -45,16 +47,6 @@ class DictActor:
     def incr(self, key: str) -> int:
         self.data[key] = self.data.get(key, 0) + 1
         return self.data[key]
-
-
-@ray.remote(num_cpus=0.5)
-def merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
-    state.update(job, "result", [ops.merge("fields", {f"t{i}": i}), ops.increment("done")])
-
-
-@ray.remote(num_cpus=0.5)
-def noop_task(state: shardstate.StateClient, job: str, i: int) -> None:
-    return None
 
 
 def rate(n: int, seconds: float) -> float:
@@ -79,15 +71,6 @@ async def flood(cluster: str, total: int, concurrency: int, groups: int) -> floa
     counts = await asyncio.gather(*(astate.get(f"{tag}-{g}", "hot") for g in range(groups)))
     assert sum(c["n"] for c in counts if c) == total
     return rate(total, elapsed)
-
-
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return out
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], int] | None:

@@ -3,7 +3,7 @@
 Runs the cases in interleaved rounds (so background noise hits all of them alike), prints a table of
 p50/p99 per case and the ratio of each p50 to the raw actor's, and writes the figures as JSON.
 
-    python bench/latency.py [--ops 2000] [--rounds 5] [--out bench/results/latency.json]
+    python -m bench.latency [--ops 2000] [--rounds 5] [--out bench/results/latency.json]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 import shardstate
+from bench._common import percentile
 from shardstate import ops
 
 
@@ -38,12 +39,6 @@ class DictActor:
     def incr(self, key: str) -> int:
         self.data[key] = self.data.get(key, 0) + 1
         return int(self.data[key])
-
-
-def percentile(samples: list[float], q: float) -> float:
-    """The q-quantile (0..1) of ``samples`` (nearest rank)."""
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def timed(fn: Callable[[], Any], n: int) -> list[float]:
