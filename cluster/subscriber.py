@@ -41,6 +41,8 @@ BATCH = 1000
 HANDLER_ATTEMPTS = 4
 HANDLER_BACKOFF = 0.05
 TRIGGER_RELOAD = 5.0
+#: handled events are acknowledged to their shard at most this often while events keep coming
+ACK_EVERY = 0.05
 
 
 def to_state_event(cluster: str, shard: int, event: Event) -> StateEvent:
@@ -118,6 +120,7 @@ class SubscriberActor:
         self.triggers: dict[str, dict[str, Any]] = {}
         self.wake: dict[int, asyncio.Event] = {}
         self.pumps: dict[int, asyncio.Task[None]] = {}
+        self.inbox: dict[int, list[Event]] = {}
         self._conditions: dict[str, tuple[bytes, Any]] = {}
         self.state: Any = None
         self.delivered = 0
@@ -139,10 +142,27 @@ class SubscriberActor:
                 self.pumps[shard] = asyncio.get_running_loop().create_task(self._pump(shard))
         return len(self.shard_ids)
 
-    async def notify(self, shard: int, seq: int) -> None:
-        """A shard committed events up to ``seq``: wake its pump."""
+    async def notify(self, shard: int, seq: int, events: list[Event] | None = None) -> None:
+        """A shard committed events up to ``seq`` (and pushed them along): wake its pump."""
         await self.ensure_running()
+        if events:
+            self.inbox.setdefault(shard, []).extend(events)
         self.wake.setdefault(shard, asyncio.Event()).set()
+
+    def _from_inbox(self, shard: int, cursor: int) -> list[Event] | None:
+        """Pushed events right after ``cursor`` ([] if none arrived); None if some are missing."""
+        inbox = [e for e in self.inbox.get(shard, ()) if e.seq > cursor]
+        self.inbox[shard] = inbox
+        if not inbox:
+            return []
+        if inbox[0].seq != cursor + 1:
+            return None  # a push was lost or came out of order: read the shard's log instead
+        run = [inbox[0]]
+        for event in inbox[1:BATCH]:
+            if event.seq != run[-1].seq + 1:
+                break
+            run.append(event)
+        return run
 
     async def reload_triggers(self) -> int:
         """Re-read the durable trigger registry; returns how many triggers are registered."""
@@ -168,36 +188,61 @@ class SubscriberActor:
 
     # -- the pump -----------------------------------------------------------------------------
     async def _pump(self, shard: int) -> None:
+        """Handle shard ``shard``'s events in order; acknowledge them at most every ACK_EVERY seconds.
+
+        In steady state the shard pushes each batch's events with its notification, so following
+        the log costs the shard no extra calls; the log itself is read on start, after a gap, and
+        once a second when idle (a safety net for lost pushes).
+        """
         name = self.config.shard_name(shard)
         cursor: int | None = None
+        acked = 0
+        last_ack = time.monotonic()
         handle: Any = None
         while True:
             try:
                 if handle is None:
                     handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+                events: list[Event] | None = None
                 if cursor is None:
                     _seq, cursor, _oldest = await handle.event_state.remote()
-                events = await handle.events_since.remote(cursor, BATCH)
+                    acked = cursor
+                    events = await handle.events_since.remote(cursor, BATCH)
+                else:
+                    events = self._from_inbox(shard, cursor)
+                    if events is None:
+                        events = await handle.events_since.remote(cursor, BATCH)
                 if time.monotonic() - self._reloaded > TRIGGER_RELOAD:
                     await self.reload_triggers()
-                if not events:
-                    wake = self.wake[shard]
-                    wake.clear()
-                    try:
-                        await asyncio.wait_for(wake.wait(), 1.0)
-                    except asyncio.TimeoutError:
-                        pass
+                if events:
+                    await self._handle(shard, events)
+                    cursor = events[-1].seq
+                    if time.monotonic() - last_ack > ACK_EVERY:
+                        acked = await handle.ack.remote(cursor)
+                        last_ack = time.monotonic()
                     continue
-                await self._handle(shard, events)
-                cursor = events[-1].seq
-                await handle.ack.remote(cursor)
+                if acked < cursor:  # idle: acknowledge what was handled
+                    acked = await handle.ack.remote(cursor)
+                    last_ack = time.monotonic()
+                wake = self.wake[shard]
+                wake.clear()
+                if self.inbox.get(shard):
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), 1.0)
+                except asyncio.TimeoutError:  # nothing pushed for a second: read the log anyway
+                    pulled = await handle.events_since.remote(cursor, BATCH)
+                    if pulled:
+                        self.inbox.setdefault(shard, []).extend(pulled)
             except (RayActorError, ValueError):  # the shard is restarting (or not up yet)
                 cursor = None
                 handle = None
+                self.inbox[shard] = []
                 await asyncio.sleep(0.2)
             except Exception:  # keep pumping; the batch is not acknowledged and comes again
                 traceback.print_exc()
                 cursor = None
+                self.inbox[shard] = []
                 await asyncio.sleep(0.5)
 
     async def _handle(self, shard: int, records: list[Event]) -> None:

@@ -86,6 +86,7 @@ class ShardActor:
         return slot_of(group_id) in self.slots
 
     def _commit(self) -> None:
+        """Commit what the engine changed; then push the new events to the subscriber."""
         changes = self.engine.take_changes()
         if not changes:
             return
@@ -95,6 +96,8 @@ class ShardActor:
             print(f"shardstate shard {self.index}: commit failed, restarting: {exc!r}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(70)
+        if changes.events:
+            self._notify(changes.events)
 
     def _sweeper(self, interval: float) -> None:
         """Ask this actor to sweep, through its own queue, so sweeps serialize with batches."""
@@ -110,23 +113,20 @@ class ShardActor:
         """Execute a batch of commands in order, commit their changes, then answer (one result each)."""
         if not isinstance(batch, (list, tuple)):
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
-        seq = self.engine.seq
         self.batches += 1
         self.commands += len(batch)
         results = self.engine.execute_batch(batch)
         self._commit()
-        if self.engine.seq != seq:
-            self._notify()
         return results
 
-    def _notify(self) -> None:
-        """Tell this shard's subscriber that new events are committed (fire and forget)."""
+    def _notify(self, events: list[Event]) -> None:
+        """Push newly committed events to this shard's subscriber (fire and forget)."""
         if self._subscriber is None:
             try:
                 self._subscriber = ray.get_actor(self.subscriber_name, namespace=NAMESPACE)
             except ValueError:
                 return  # no subscriber (yet): it polls on start
-        self._subscriber.notify.remote(self.index, self.engine.seq)
+        self._subscriber.notify.remote(self.index, self.engine.seq, events)
 
     def events_since(self, after: int, limit: int = 1000) -> list[Event]:
         """Committed events with ``seq > after`` (at most ``limit``), in order."""
@@ -145,11 +145,8 @@ class ShardActor:
 
     def sweep(self) -> int:
         """Delete expired entries and forget old op results now; return how many entries expired."""
-        seq = self.engine.seq
         expired = self.engine.sweep()
         self._commit()
-        if self.engine.seq != seq:
-            self._notify()
         return expired
 
     def set_slots(self, slots: Iterable[int], epoch: int) -> int:

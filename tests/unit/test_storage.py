@@ -113,9 +113,9 @@ BIG = enc("x" * (AUTO_RESULT_LIMIT + 1))  # an automatic retry of a write of thi
 
 GROUP = st.sampled_from(GROUPS)
 KEY = st.sampled_from(KEYS)
-OP_ID = st.sampled_from([None, None, None, "u1", "u2", "~a1", "~a2"])
-TTL = st.sampled_from([None, None, 3.0, 10, 25.5])
-EXPECTED = st.sampled_from([None, None, None, 0, 1, 2])
+OP_ID = st.sampled_from([None, None, "u1", "u2", "~a1", "~a2"])
+TTL = st.sampled_from([None, 3.0, 3.0, 10, 25.5])
+EXPECTED = st.sampled_from([None, None, None, None, 0, 1, 2])
 VALUES = {"0": enc(0), "1": enc(1), "s": enc("s"), "dict": enc({"n": 1}), "big": BIG}
 
 
@@ -274,15 +274,18 @@ class StorageMachine(RuleBasedStateMachine):
     def one(self, cmd: Any) -> None:
         self.execute([cmd])
 
-    @rule(cmds=st.lists(COMMAND, min_size=2, max_size=5))
-    def batch(self, cmds: list[Any]) -> None:
+    @rule(cmds=st.lists(COMMAND, min_size=2, max_size=5), seconds=st.sampled_from([0.0, 0.0, 1.0, 4.0]))
+    def batch(self, cmds: list[Any], seconds: float) -> None:
+        self.clock.now += seconds
         self.execute(cmds)
 
-    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 7.0, 15.0, 30.0]))
-    def advance(self, seconds: float) -> None:
+    @rule(seconds=st.sampled_from([0.5, 1.0, 2.5, 7.0, 15.0, 30.0]), then_sweep=st.booleans())
+    def advance(self, seconds: float, then_sweep: bool) -> None:
+        """Time passes; maybe the shard's sweeper runs (otherwise the next batch expires entries)."""
         self.clock.now += seconds
+        if then_sweep:
+            self.sweep()
 
-    @rule()
     def sweep(self) -> None:
         now = self.clock.now
         counts = [engine.sweep() for engine in self.engines]
