@@ -77,6 +77,17 @@ def matches(spec: dict[str, Any], event: StateEvent) -> bool:
     return (group is None or group == event.group_id) and (key is None or key == event.key)
 
 
+def _selected(specs: list[dict[str, Any]], record: Event) -> bool:
+    """Whether any trigger's group/key filters select ``record`` (checked before unpickling)."""
+    if record.group_id.startswith(SYSTEM_PREFIX):
+        return False
+    return any(
+        (s.get("group_id") is None or s["group_id"] == record.group_id)
+        and (s.get("key") is None or s["key"] == record.key)
+        for s in specs
+    )
+
+
 @ray.remote(num_cpus=0, max_retries=0)
 def deliver(
     name: str, handler_blob: bytes, condition_blob: bytes | None, events: Sequence[StateEvent]
@@ -246,9 +257,13 @@ class SubscriberActor:
                 await asyncio.sleep(0.5)
 
     async def _handle(self, shard: int, records: list[Event]) -> None:
-        events = [to_state_event(self.config.name, shard, r) for r in records]
-        if any(e.group_id == TRIGGERS_GROUP for e in events):
+        if any(r.group_id == TRIGGERS_GROUP for r in records):
             await self.reload_triggers()
+        specs = list(self.triggers.values())
+        # unpickle only what some trigger's filters select (writes nobody listens to cost nothing here)
+        events = [to_state_event(self.config.name, shard, r) for r in records if _selected(specs, r)]
+        if not events:
+            return
         jobs = []
         dead: list[dict[str, Any]] = []
         for name, spec in list(self.triggers.items()):
