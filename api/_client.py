@@ -12,6 +12,7 @@ import asyncio
 import builtins
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate import _triggers
-from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes
+from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, pack, unpack
 from shardstate._errors import StaleShardMap, StateError, Unavailable
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
@@ -70,6 +71,8 @@ class ClusterLink:
         self.closed = False
         self._lock = threading.Lock()
         self.lanes = SyncLanes(self)
+        #: the asyncio lanes last used, with their loop (see ``async_lanes``)
+        self.async_lanes: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncLanes] | None = None
         self.view: ShardView | None = None
 
     def check_open(self) -> None:
@@ -219,7 +222,7 @@ class StateClient(_ClientBase):
         while True:
             shard = link.current().shard_for(req.group_id)
             try:
-                (result,) = ray.get(shard.execute.remote([req.cmd]), timeout=link.timeout)
+                (result,) = unpack(ray.get(shard.run.remote(pack([req.cmd])), timeout=link.timeout))
             except RayActorError as exc:  # the shard died mid-call: it restarts from storage
                 backoff = backoff or Backoff(link)
                 time.sleep(backoff.next_delay(exc))
@@ -250,12 +253,12 @@ class StateClient(_ClientBase):
         pending = by_shard
         while pending:
             refs = {
-                s: view.shards[s].execute.remote([reqs[i].cmd for i in idx]) for s, idx in pending.items()
+                s: view.shards[s].run.remote(pack([reqs[i].cmd for i in idx])) for s, idx in pending.items()
             }
             failed: dict[int, builtins.list[int]] = {}
             for s, ref in refs.items():
                 try:
-                    results = ray.get(ref, timeout=link.timeout)
+                    results = unpack(ray.get(ref, timeout=link.timeout))
                 except RayActorError as exc:
                     backoff = backoff or Backoff(link)
                     time.sleep(backoff.next_delay(exc))
@@ -263,10 +266,12 @@ class StateClient(_ClientBase):
                     continue
                 except (RayError, GetTimeoutError) as exc:
                     raise link.unavailable(exc) from exc
+                if len(results) != len(pending[s]):  # the shard could not take the batch whole
+                    results = [(False, StaleShardMap("resent on its own"))] * len(pending[s])
                 for i, result in zip(pending[s], results, strict=True):
                     try:
                         done, value = _follow(result, reqs[i])
-                        out[i] = (True, value) if done else (True, self._run(reqs[i]))
+                        out[i] = (True, value) if done else (True, self._run_direct(reqs[i]))
                     except StateError as exc:
                         out[i] = (False, exc)
             pending = failed
@@ -479,7 +484,7 @@ class AsyncStateClient(_ClientBase):
         while True:
             shard = view.shard_for(req.group_id)
             try:
-                (result,) = await asyncio.wait_for(shard.execute.remote([req.cmd]), link.timeout)
+                (result,) = unpack(await asyncio.wait_for(shard.run.remote(pack([req.cmd])), link.timeout))
             except RayActorError as exc:  # the shard died mid-call: it restarts from storage
                 backoff = backoff or Backoff(link)
                 await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, exc))
@@ -616,7 +621,7 @@ class AsyncStateClient(_ClientBase):
         slots = [Slot(req) for req in reqs]
         for slot in slots:
             by_shard.setdefault(view.owners[slot_of(slot.req.group_id)], []).append(slot)
-        await asyncio.gather(*(lanes._send(s, batch, self._run_direct) for s, batch in by_shard.items()))
+        await asyncio.gather(*(lanes.send(s, batch, self._run_direct) for s, batch in by_shard.items()))
         return [(slot.ok, slot.value) for slot in slots]
 
     # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------

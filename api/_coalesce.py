@@ -2,23 +2,35 @@
 
 Each shard has a *lane* per process (threads) or per event loop (asyncio). A call that finds its lane
 idle goes out at once, alone: no timer, so a lone call is as fast as before. Calls that arrive while
-the lane has a call in flight queue up and leave together, as one batch, when it returns. One call
-in flight per lane keeps each caller's order per shard; the shard executes a batch in order and
+the lane is busy queue up and leave together, as one batch. The shard executes a batch in order and
 answers each command separately, so results and errors reach each caller individually.
 
-A batch that fails because its shard died is retried whole (writes carry op_ids, so nothing applies
-twice); a command answered "stale shard map" is re-sent on its own after the map is refreshed.
+- Threads (:class:`SyncLanes`): one batch in flight per lane; the caller that finds the lane idle
+  sends, the others wait for their answer or their turn to send the next batch.
+- Asyncio (:class:`AsyncLanes`): up to :data:`MAX_IN_FLIGHT` batches in flight per lane, so the shard
+  executes one batch while the client decodes the previous one and its callers queue the next:
+  client and shard work at the same time instead of taking turns. Ray runs one caller's calls to a
+  sync actor in submission order, so a lane's batches execute in the order they were sent.
+
+Batches travel packed (:func:`pack`/:func:`unpack`): one ``pickle`` of the command list each way,
+about half the cost of Ray serializing the list object by object.
+
+A batch that fails because its shard died is retried whole, in order (writes carry op_ids, so nothing
+applies twice); a command answered "stale shard map" is re-sent on its own after the map is refreshed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import pickle
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
@@ -28,19 +40,41 @@ if TYPE_CHECKING:
     from shardstate._client import ClusterLink
     from shardstate._requests import Request
 
+#: batches one asyncio lane keeps in flight to its shard
+MAX_IN_FLIGHT = 3
+#: most commands per batch; a long queue is split so that every free in-flight place gets a part
+MAX_BATCH = 2048
+#: ... but parts are not made smaller than this
+MIN_PART = 64
+
+
+def pack(cmds: Sequence[Any]) -> bytes:
+    """A batch of commands as the bytes ``ShardActor.run`` takes.
+
+    Plain ``pickle`` (fast); ``cloudpickle`` for what only it can pickle (a class defined in a
+    function, say), as Ray itself would. Commands hold only checked, JSON-like values and bytes.
+    """
+    try:
+        return pickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
+def unpack(packed: bytes) -> list[tuple[bool, Any]]:
+    """The results ``ShardActor.run`` answered."""
+    return pickle.loads(packed)  # type: ignore[no-any-return]
+
 
 class Slot:
     """One queued call: its request, and (once answered) its value or error."""
 
-    __slots__ = ("req", "done", "ok", "value", "event", "lead")
+    __slots__ = ("req", "done", "ok", "value")
 
     def __init__(self, req: Request) -> None:
         self.req = req
         self.done = False
         self.ok = False
         self.value: Any = None
-        self.event = threading.Event()
-        self.lead = False
 
     def result(self) -> Any:
         if self.ok:
@@ -51,7 +85,19 @@ class Slot:
 def settle(
     slots: Sequence[Slot], results: Sequence[tuple[bool, Any]], redo: Callable[[Request], Any]
 ) -> None:
-    """Give each slot its decoded value or error; commands answered StaleShardMap go to ``redo``."""
+    """Give each slot its decoded value or error; commands answered StaleShardMap go to ``redo``.
+
+    If the shard could not take the batch as a whole (it answered one error for many commands, e.g.
+    a value it cannot unpickle), each command is sent again on its own, so only the bad one fails.
+    """
+    if len(results) != len(slots):
+        for slot in slots:
+            try:
+                slot.value, slot.ok = redo(slot.req), True
+            except StateError as exc:
+                slot.value, slot.ok = exc, False
+            slot.done = True
+        return
     for slot, (ok, payload) in zip(slots, results, strict=True):
         try:
             if ok:
@@ -67,17 +113,27 @@ def settle(
         slot.done = True
 
 
+class _Waiter(Slot):
+    """A thread's slot: an event to wait on for its answer (or for its turn to send)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, req: Request) -> None:
+        super().__init__(req)
+        self.event = threading.Event()
+
+
 class SyncLanes:
     """Per-shard lanes for threads. The caller that finds a lane idle sends the batch itself."""
 
     def __init__(self, link: ClusterLink) -> None:
         self.link = link
         self.lock = threading.Lock()
-        self.queues: dict[int, list[Slot]] = {}
+        self.queues: dict[int, list[_Waiter]] = {}
         self.busy: set[int] = set()
 
     def call(self, shard: int, req: Request, redo: Callable[[Request], Any]) -> Any:
-        slot = Slot(req)
+        slot = _Waiter(req)
         with self.lock:
             self.queues.setdefault(shard, []).append(slot)
             lead = shard not in self.busy
@@ -100,22 +156,21 @@ class SyncLanes:
             with self.lock:
                 waiting = self.queues.get(shard)
                 if waiting:
-                    waiting[0].lead = True
                     waiting[0].event.set()  # the next waiter sends the next batch
                 else:
                     self.busy.discard(shard)
         return slot.result()
 
-    def _send(self, shard: int, batch: list[Slot], redo: Callable[[Request], Any]) -> None:
+    def _send(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
         from shardstate._client import Backoff
 
         link = self.link
-        cmds = [s.req.cmd for s in batch]
+        packed = pack([s.req.cmd for s in batch])
         backoff: Backoff | None = None
         while True:
             handle = link.current().shards[shard]
             try:
-                results = ray.get(handle.execute.remote(cmds), timeout=link.timeout)
+                results = unpack(ray.get(handle.run.remote(packed), timeout=link.timeout))
                 break
             except RayActorError as exc:  # the shard died mid-call: it restarts from storage
                 backoff = backoff or Backoff(link)
@@ -130,48 +185,120 @@ class SyncLanes:
         settle(batch, results, redo)
 
 
+class _Lane:
+    """One shard's queue and in-flight batches on one event loop."""
+
+    __slots__ = ("shard", "queue", "in_flight", "receiver", "flush_due")
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.queue: list[tuple[Slot, asyncio.Future[Any]]] = []
+        #: sent batches in send order: (calls, packed commands, the call's ObjectRef)
+        self.in_flight: collections.deque[tuple[list[tuple[Slot, asyncio.Future[Any]]], bytes, Any]] = (
+            collections.deque()
+        )
+        self.receiver: asyncio.Task[None] | None = None
+        self.flush_due = False
+
+
 class AsyncLanes:
-    """Per-shard lanes for one event loop: a pump task per busy lane sends queued calls in batches."""
+    """Per-shard lanes for one event loop, each with up to :data:`MAX_IN_FLIGHT` batches in flight.
+
+    A call queues itself and, if its lane has room, schedules a flush with ``call_soon``: the flush
+    runs once every caller that was ready on this turn of the loop has queued, so they all leave in
+    one batch. One receiver task per lane awaits the lane's batches in send order and hands out the
+    results; each answer frees a place, and what queued meanwhile is sent at once.
+    """
 
     def __init__(self, link: ClusterLink) -> None:
         self.link = link
-        self.queues: dict[int, list[tuple[Slot, asyncio.Future[Any]]]] = {}
-        self.busy: set[int] = set()
+        self.lanes: dict[int, _Lane] = {}
 
     async def call(self, shard: int, req: Request, redo: Callable[[Request], Any]) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queues.setdefault(shard, []).append((Slot(req), fut))
-        if shard not in self.busy:
-            self.busy.add(shard)
-            asyncio.get_running_loop().create_task(self._pump(shard, redo))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        lane = self.lanes.get(shard)
+        if lane is None:
+            lane = self.lanes[shard] = _Lane(shard)
+        lane.queue.append((Slot(req), fut))
+        if not lane.flush_due and len(lane.in_flight) < MAX_IN_FLIGHT:
+            lane.flush_due = True
+            loop.call_soon(self._flush, lane, redo)
         return await fut
 
-    async def _pump(self, shard: int, redo: Callable[[Request], Any]) -> None:
+    def _flush(self, lane: _Lane, redo: Callable[[Request], Any]) -> None:
+        """Send what is queued, split over the free in-flight places."""
+        lane.flush_due = False
+        link = self.link
+        view = link.view
+        while lane.queue and len(lane.in_flight) < MAX_IN_FLIGHT:
+            if view is None or link.closed:  # a receiver refreshes the map, or fails the calls
+                break
+            free = MAX_IN_FLIGHT - len(lane.in_flight)
+            size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
+            batch, lane.queue = lane.queue[:size], lane.queue[size:]
+            packed = pack([slot.req.cmd for slot, _ in batch])
+            lane.in_flight.append((batch, packed, view.shards[lane.shard].run.remote(packed)))
+        if lane.receiver is None and (lane.in_flight or lane.queue):
+            lane.receiver = asyncio.get_running_loop().create_task(self._receive(lane, redo))
+
+    async def _receive(self, lane: _Lane, redo: Callable[[Request], Any]) -> None:
         try:
-            while self.queues.get(shard):
-                batch, self.queues[shard] = self.queues[shard], []
-                slots = [s for s, _ in batch]
-                await self._send(shard, slots, redo)
+            while lane.in_flight or lane.queue:
+                if not lane.in_flight:  # queued calls that _flush could not send (no map yet)
+                    await self._prepare(lane)
+                    self._flush(lane, redo)
+                    continue
+                batch, packed, ref = lane.in_flight[0]
+                await self._await(lane.shard, [slot for slot, _ in batch], packed, ref, redo)
+                lane.in_flight.popleft()
                 for slot, fut in batch:
                     if not fut.done():
                         if slot.ok:
                             fut.set_result(slot.value)
                         else:
                             fut.set_exception(slot.value)
+                if lane.queue and not lane.flush_due:
+                    self._flush(lane, redo)
+        except BaseException as exc:  # cancelled with its loop, or a bug: never leave a caller hanging
+            error = exc if isinstance(exc, StateError) else StateError(f"internal error: {exc!r}")
+            for batch, _, _ in lane.in_flight:
+                _resolve_all(batch, error)
+            _resolve_all(lane.queue, error)
+            lane.in_flight.clear()
+            lane.queue.clear()
+            raise
         finally:
-            self.busy.discard(shard)
+            lane.receiver = None
 
-    async def _send(self, shard: int, slots: list[Slot], redo: Callable[[Request], Any]) -> None:
+    async def _prepare(self, lane: _Lane) -> None:
+        """Before a first send: fetch the map; on a closed link, fail what is queued."""
+        link = self.link
+        try:
+            link.check_open()
+            if link.view is None:
+                await link.refresh_async()
+        except StateError as exc:
+            _resolve_all(lane.queue, exc)
+            lane.queue.clear()
+
+    async def send(self, shard: int, slots: list[Slot], redo: Callable[[Request], Any]) -> None:
+        """Send ``slots`` as one batch now, outside the lanes (bulk calls), and settle them."""
+        view = self.link.view or await self.link.refresh_async()
+        packed = pack([slot.req.cmd for slot in slots])
+        await self._await(shard, slots, packed, view.shards[shard].run.remote(packed), redo)
+
+    async def _await(
+        self, shard: int, slots: list[Slot], packed: bytes, ref: Any, redo: Callable[[Request], Any]
+    ) -> None:
+        """Wait for one batch's answer (resending it while its shard restarts) and settle its slots."""
         from shardstate._client import Backoff
 
         link = self.link
-        cmds = [s.req.cmd for s in slots]
         backoff: Backoff | None = None
-        view = link.view or await link.refresh_async()
         while True:
-            handle = view.shards[shard]
             try:
-                results = await asyncio.wait_for(handle.execute.remote(cmds), link.timeout)
+                results = unpack(await asyncio.wait_for(ref, link.timeout))
                 break
             except RayActorError as exc:
                 backoff = backoff or Backoff(link)
@@ -180,14 +307,21 @@ class AsyncLanes:
                 except StateError as err:
                     _fail(slots, err)
                     return
+                view = link.view or await link.refresh_async()
+                ref = view.shards[shard].run.remote(packed)
             except (RayError, asyncio.TimeoutError) as exc:
                 _fail(slots, link.unavailable(exc))
                 return
         stale = [
-            s for s, (ok, p) in zip(slots, results, strict=True) if not ok and isinstance(p, StaleShardMap)
+            s
+            for s, (ok, p) in zip(slots, results, strict=False)
+            if not ok and isinstance(p, StaleShardMap)
         ]
+        if len(results) != len(slots):
+            stale = list(slots)  # the shard could not take the batch whole: each goes on its own
+            results = [(False, StaleShardMap("resent on its own"))] * len(slots)
         settle(slots, results, _later)
-        for slot in stale:  # re-route these after a map refresh (off the pump's batch)
+        for slot in stale:  # re-route these after a map refresh (off the lane's batch)
             try:
                 slot.value, slot.ok = await redo(slot.req), True
             except StateError as exc:
@@ -203,15 +337,26 @@ def _fail(slots: Sequence[Slot], error: StateError) -> None:
         slot.value, slot.ok, slot.done = error, False, True
 
 
+def _resolve_all(calls: Sequence[tuple[Slot, asyncio.Future[Any]]], error: BaseException) -> None:
+    for _, fut in calls:
+        if not fut.done():
+            fut.set_exception(error)
+
+
 _async_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, AsyncLanes]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def async_lanes(link: ClusterLink) -> AsyncLanes:
-    """The lanes of ``link`` on the running event loop."""
-    per_loop = _async_lanes.setdefault(asyncio.get_running_loop(), {})
+    """The lanes of ``link`` on the running event loop (the last loop's are cached on the link)."""
+    loop = asyncio.get_running_loop()
+    cached = link.async_lanes
+    if cached is not None and cached[0]() is loop:
+        return cached[1]
+    per_loop = _async_lanes.setdefault(loop, {})
     lanes = per_loop.get(id(link))
     if lanes is None:
         lanes = per_loop[id(link)] = AsyncLanes(link)
+    link.async_lanes = (weakref.ref(loop), lanes)
     return lanes

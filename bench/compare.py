@@ -3,7 +3,9 @@
 Cases:
 1. one driver, many concurrent ``update(increment)`` calls through the async client (coalesced):
    one hot key, and 64 groups; with ``memory`` and ``os`` (default, durable) storage;
-2. fan-in: N Ray tasks each doing one merge+increment ``update`` vs the same N no-op tasks;
+2. fan-in: N Ray tasks each doing one merge+increment ``update`` (into one growing document, and
+   into 64 small ones) vs the same N no-op tasks, and vs N tasks making one raw actor call each
+   (the floor: what any per-task actor round trip costs);
 3. single-op sync latency p50/p99: ``state.update`` / ``state.get`` vs a raw Ray actor round trip;
 4. baselines: a naive Ray dict actor (sync, and pipelined from one caller), and redis-server
    (started here on 127.0.0.1 if the binary exists, else skipped) via redis-py: sync INCR,
@@ -47,6 +49,24 @@ class DictActor:
     def incr(self, key: str) -> int:
         self.data[key] = self.data.get(key, 0) + 1
         return self.data[key]
+
+
+@ray.remote(num_cpus=0.5)
+def raw_call_task(actor: Any, i: int) -> None:
+    """One raw actor round trip per task: the floor under any per-task state call."""
+    ray.get(actor.incr.remote("fan"))
+
+
+@ray.remote(num_cpus=0.5)
+def small_merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
+    """The merge+increment of ``merge_task``, spread over 64 small documents."""
+    state.update(job, f"part-{i % 64}", [ops.merge("fields", {f"t{i}": i}), ops.increment("done")])
+
+
+def timed_tasks(refs: Callable[[], list[Any]]) -> float:
+    t0 = time.perf_counter()
+    ray.get(refs())
+    return time.perf_counter() - t0
 
 
 def rate(n: int, seconds: float) -> float:
@@ -165,26 +185,32 @@ def main(argv: list[str] | None = None) -> int:
             shardstate.shutdown(name)
 
     state = shardstate.connect(cluster="cmp-os")
-    # 2. fan-in vs no-op tasks (alternating, warm workers)
+    # 2. fan-in vs no-op tasks and vs one raw actor call per task (warm workers)
+    raw = DictActor.remote()
+    n = args.tasks
     ray.get([noop_task.remote(state, "w", i) for i in range(200)])
-    t0 = time.perf_counter()
-    ray.get([noop_task.remote(state, "noop", i) for i in range(args.tasks)])
-    noop = time.perf_counter() - t0
-    job = f"fan-{time.monotonic_ns()}"
-    t0 = time.perf_counter()
-    ray.get([merge_task.remote(state, job, i) for i in range(args.tasks)])
-    fan = time.perf_counter() - t0
-    assert state.get(job, "result")["done"] == args.tasks
-    row("2 fan-in, N tasks x 1 update", "no-op Ray tasks", rate(args.tasks, noop), f"{noop:.2f}s")
-    row(
-        "2 fan-in, N tasks x 1 update",
-        "shardstate (os)",
-        rate(args.tasks, fan),
-        f"{fan:.2f}s, overhead {100 * (fan / noop - 1):.0f}%",
-    )
+    ray.get([raw_call_task.remote(raw, i) for i in range(200)])
+    ray.get([small_merge_task.remote(state, "warm", i) for i in range(200)])
+    noop = timed_tasks(lambda: [noop_task.remote(state, "noop", i) for i in range(n)])
+    floor = timed_tasks(lambda: [raw_call_task.remote(raw, i) for i in range(n)])
+    small_job, job = f"parts-{time.monotonic_ns()}", f"fan-{time.monotonic_ns()}"
+    small = timed_tasks(lambda: [small_merge_task.remote(state, small_job, i) for i in range(n)])
+    fan = timed_tasks(lambda: [merge_task.remote(state, job, i) for i in range(n)])
+    assert state.get(job, "result")["done"] == n
+    assert sum(state.get(small_job, f"part-{p}")["done"] for p in range(64)) == n
+
+    def fan_row(system: str, seconds: float) -> None:
+        note = f"{seconds:.2f}s, +{100 * (seconds / noop - 1):.0f}% vs no-op"
+        if system != "raw actor call per task":
+            note += f", {seconds / floor:.2f}x the raw-call floor"
+        row(f"2 fan-in, N={n} tasks", system, rate(n, seconds), note)
+
+    row(f"2 fan-in, N={n} tasks", "no-op Ray tasks", rate(n, noop), f"{noop:.2f}s")
+    fan_row("raw actor call per task", floor)
+    fan_row("shardstate (os), 64 small docs", small)
+    fan_row("shardstate (os), one document", fan)
 
     # 3. single-op sync latency vs a raw actor round trip (interleaved rounds)
-    raw = DictActor.remote()
     ray.get(raw.incr.remote("k"))
     state.set("lat", "k", {"n": 0})
     cases: dict[str, Callable[[], Any]] = {

@@ -153,9 +153,11 @@ class SubscriberActor:
                 self.pumps[shard] = asyncio.get_running_loop().create_task(self._pump(shard))
         return len(self.shard_ids)
 
-    async def notify(self, shard: int, seq: int, events: list[Event] | None = None) -> None:
-        """A shard committed events up to ``seq`` (and pushed them along): wake its pump."""
+    async def notify(self, shard: int, seq: int, events: list[Event] | bytes | None = None) -> None:
+        """A shard committed events up to ``seq`` (and pushed them along, maybe pickled): wake its pump."""
         await self.ensure_running()
+        if isinstance(events, bytes):
+            events = pickle.loads(events)
         if events:
             self.inbox.setdefault(shard, []).extend(events)
         self.wake.setdefault(shard, asyncio.Event()).set()

@@ -32,6 +32,18 @@ MAX_PATH_DEPTH = 64
 
 _MISSING: Any = object()
 
+#: the fields each op type may have
+_FIELDS: dict[str, frozenset[str]] = {
+    "set": frozenset({"type", "path", "value"}),
+    "merge": frozenset({"type", "path", "value"}),
+    "append": frozenset({"type", "path", "value"}),
+    "increment": frozenset({"type", "path", "by"}),
+    "decrement": frozenset({"type", "path", "by"}),
+    "remove": frozenset({"type", "path"}),
+}
+_PATH_REQUIRED = frozenset({"set", "increment", "decrement", "remove"})
+_new_op = tuple.__new__  # Op(...) without the namedtuple constructor's overhead
+
 
 class Op(NamedTuple):
     """A checked op: ``kind`` in :data:`OP_TYPES`, ``path`` as a tuple of fields, ``arg`` its operand."""
@@ -81,26 +93,29 @@ def parse_op(raw: Any, index: int = 0) -> Op:
     """
     if isinstance(raw, Op):
         return raw
-    if not isinstance(raw, Mapping):
+    if type(raw) is not dict and not isinstance(raw, Mapping):
         raise UpdateError(f"an op must be a dict or an UpdateOp, got {type(raw).__name__}", index, BAD_OP)
     kind = raw.get("type")
-    if not isinstance(kind, str) or kind not in OP_TYPES:
+    allowed = _FIELDS.get(kind) if isinstance(kind, str) else None
+    if allowed is None:
         raise UpdateError(f"unknown op type {kind!r} (one of {sorted(OP_TYPES)})", index, BAD_OP)
-    allowed = {"type", "path"} | ({"by"} if kind in ("increment", "decrement") else set())
-    allowed |= {"value"} if kind in ("set", "merge", "append") else set()
-    extra = set(raw) - allowed
-    if extra:
+    if not allowed.issuperset(raw):
+        extra = set(raw) - allowed
         raise UpdateError(f"unexpected field(s) {sorted(map(repr, extra))} for op {kind!r}", index, BAD_OP)
-    path = _parse_path(raw.get("path"), index, required=kind in ("set", "increment", "decrement", "remove"))
+    raw_path = raw.get("path")
+    if type(raw_path) is str and raw_path:  # the common case: one field
+        path: tuple[str, ...] = (raw_path,)
+    else:
+        path = _parse_path(raw_path, index, required=kind in _PATH_REQUIRED)
     if kind in ("increment", "decrement"):
         by = raw.get("by", 1)
         if not _is_number(by) or (isinstance(by, float) and not math.isfinite(by)):
             raise UpdateError(f"'by' must be a finite int or float, got {by!r}", index, BAD_OP)
-        return Op(kind, path, by)
+        return _new_op(Op, (kind, path, by))
     if kind == "remove":
         if not path:
             raise UpdateError("'remove' needs a non-empty path", index, BAD_OP)
-        return Op(kind, path, None)
+        return _new_op(Op, (kind, path, None))
     if "value" not in raw:
         raise UpdateError(f"op {kind!r} needs a 'value'", index, BAD_OP)
     value = raw["value"]
@@ -108,7 +123,7 @@ def parse_op(raw: Any, index: int = 0) -> Op:
         raise UpdateError(f"op {kind!r}: value is not JSON-like: {type(value).__name__}", index, NOT_JSON)
     if kind == "merge" and not isinstance(value, dict):
         raise UpdateError(f"'merge' needs a dict value, got {type(value).__name__}", index, NOT_OBJECT)
-    return Op(kind, path, value)
+    return _new_op(Op, (kind, path, value))
 
 
 def parse_ops(raw_ops: Any) -> list[Op]:

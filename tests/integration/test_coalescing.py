@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import types
 from typing import Any
 
 import pytest
@@ -111,3 +113,56 @@ def test_bulk_helpers_and_async_pipeline(state: shardstate.StateClient, group: s
     out = asyncio.run(main())
     assert out[-1] == 70
     assert [r.new_value for r in out[:50]] == [i * 10 for i in range(50)]
+
+
+class Unimportable(str):
+    """A str the shards cannot unpickle: its module exists in this process only."""
+
+
+_HERE_ONLY = types.ModuleType("shardstate_test_here_only")
+Unimportable.__module__ = _HERE_ONLY.__name__
+_HERE_ONLY.Unimportable = Unimportable  # type: ignore[attr-defined]
+sys.modules[_HERE_ONLY.__name__] = _HERE_ONLY
+
+
+def test_lanes_keep_several_batches_in_flight_in_order(state: shardstate.StateClient, group: str) -> None:
+    from shardstate import _coalesce
+
+    async def main() -> tuple[int, int]:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        b0, c0 = owner_counters(state, group)
+        n = 3 * _coalesce.MAX_BATCH
+        await asyncio.gather(*(astate.update(group, "seq", [ops.append("seen", i)]) for i in range(n)))
+        assert (await astate.get(group, "seq")) == {"seen": list(range(n))}
+        b1, c1 = owner_counters(state, group)
+        return b1 - b0, c1 - c0
+
+    calls, commands = asyncio.run(main())
+    # every call queued on one turn of the loop: split over the in-flight places, not sent as one
+    assert commands >= 3 * _coalesce.MAX_BATCH + 1
+    assert _coalesce.MAX_IN_FLIGHT <= calls < 50
+
+
+def test_a_batch_the_shard_cannot_unpickle_fails_only_the_bad_call(
+    state: shardstate.StateClient, group: str
+) -> None:
+    async def main() -> list[Any]:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        values = [Unimportable("x") if i == 7 else i for i in range(40)]
+        calls = [astate.update(group, f"k{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[7], shardstate.InvalidInput)
+    assert "unpickled" in str(outcomes[7])
+    assert [o.new_value for i, o in enumerate(outcomes) if i != 7] == [{"v": i} for i in range(40) if i != 7]
+    assert state.get(group, "k7") is None
+    # the sync bulk path does the same
+    with state.pipeline() as p:
+        p.update(group, "s1", [ops.set("v", 1)])
+        p.update(group, "s2", [ops.set("v", Unimportable("y"))])
+        p.get(group, "s1")
+    assert p.results is not None
+    assert p.results[0].new_value == {"v": 1}
+    assert isinstance(p.results[1], shardstate.InvalidInput)
+    assert p.results[2] == {"v": 1}
