@@ -63,6 +63,14 @@ def small_merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
     state.update(job, f"part-{i % 64}", [ops.merge("fields", {f"t{i}": i}), ops.increment("done")])
 
 
+@ray.remote(num_cpus=0.5)
+def keyed_merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
+    """Fan-in at scale: the task's result under its own key plus a counter, in one pipelined call."""
+    with state.pipeline() as p:
+        p.set(job, f"t{i}", i)
+        p.update(job, "progress", [ops.increment("done")])
+
+
 def timed_tasks(refs: Callable[[], list[Any]]) -> float:
     t0 = time.perf_counter()
     ray.get(refs())
@@ -194,10 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     noop = timed_tasks(lambda: [noop_task.remote(state, "noop", i) for i in range(n)])
     floor = timed_tasks(lambda: [raw_call_task.remote(raw, i) for i in range(n)])
     small_job, job = f"parts-{time.monotonic_ns()}", f"fan-{time.monotonic_ns()}"
+    keyed_job = f"keyed-{time.monotonic_ns()}"
     small = timed_tasks(lambda: [small_merge_task.remote(state, small_job, i) for i in range(n)])
+    keyed = timed_tasks(lambda: [keyed_merge_task.remote(state, keyed_job, i) for i in range(n)])
     fan = timed_tasks(lambda: [merge_task.remote(state, job, i) for i in range(n)])
     assert state.get(job, "result")["done"] == n
     assert sum(state.get(small_job, f"part-{p}")["done"] for p in range(64)) == n
+    assert state.get(keyed_job, "progress") == {"done": n}
+    assert len(state.items(keyed_job)) == n + 1
 
     def fan_row(system: str, seconds: float) -> None:
         note = f"{seconds:.2f}s, +{100 * (seconds / noop - 1):.0f}% vs no-op"
@@ -208,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     row(f"2 fan-in, N={n} tasks", "no-op Ray tasks", rate(n, noop), f"{noop:.2f}s")
     fan_row("raw actor call per task", floor)
     fan_row("shardstate (os), 64 small docs", small)
+    fan_row("shardstate (os), key per task + counter", keyed)
     fan_row("shardstate (os), one document", fan)
 
     # 3. single-op sync latency vs a raw actor round trip (interleaved rounds)

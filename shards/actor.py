@@ -82,7 +82,6 @@ class ShardActor:
         self._subscriber: Any = None
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
-        self._outbox_ready = threading.Event()
         threading.Thread(target=self._notifier, daemon=True).start()
         self.restarted = restarted
         self.load_seconds = time.perf_counter() - started
@@ -144,7 +143,6 @@ class ShardActor:
         """Queue newly committed events for the notifier thread (off the batch's critical path)."""
         with self._outbox_lock:
             self._outbox.extend(events)
-        self._outbox_ready.set()
 
     def _notifier(self) -> None:
         """Push queued events to this shard's subscriber, one push at a time.
@@ -155,9 +153,7 @@ class ShardActor:
         subscriber restart) costs only latency: the subscriber reads the shard's log for any gap.
         """
         while True:
-            self._outbox_ready.wait()
-            time.sleep(NOTIFY_DELAY)  # let the batch's answer leave first; gather what follows
-            self._outbox_ready.clear()
+            time.sleep(NOTIFY_DELAY)  # polls: a commit wakes no thread, so its answer leaves first
             with self._outbox_lock:
                 events, self._outbox = self._outbox, []
             if not events:

@@ -139,7 +139,9 @@ class SqliteStorage:
             "SELECT seq, kind, grp, key, old, new, at FROM events WHERE seq > ? ORDER BY seq", (acked,)
         )
         events = [Event(*row) for row in rows]
-        seq = max(int(meta.get("seq", 0)), events[-1].seq if events else 0)
+        # the last seq handed out: the newest stored event, or the acknowledgement that dropped it
+        # (files written before this rule also kept it as 'seq')
+        seq = max(int(meta.get("seq", 0)), acked, events[-1].seq if events else 0)
         return Loaded(entries, op_ids, events, seq, acked)
 
     def fetch_op(self, op_id: str) -> bytes | None:
@@ -166,7 +168,6 @@ class SqliteStorage:
                 db.executemany("INSERT OR REPLACE INTO ops VALUES (?, ?, ?)", changes.op_records)
             if changes.events:
                 db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", changes.events)
-                db.execute(_SET_META, ("seq", str(changes.events[-1].seq)))
             if changes.acked_seq is not None:
                 db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
                 db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))

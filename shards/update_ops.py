@@ -128,7 +128,9 @@ def parse_op(raw: Any, index: int = 0) -> Op:
 
 def parse_ops(raw_ops: Any) -> list[Op]:
     """Check a whole op list (must be a non-empty list/tuple); see :func:`parse_op`."""
-    if isinstance(raw_ops, (str, bytes, Mapping)) or not isinstance(raw_ops, Sequence):
+    if type(raw_ops) is not list and (
+        isinstance(raw_ops, (str, bytes, Mapping)) or not isinstance(raw_ops, Sequence)
+    ):
         raise UpdateError(f"ops must be a list of ops, got {type(raw_ops).__name__}", 0, BAD_OP)
     if not raw_ops:
         raise UpdateError("ops must not be empty", 0, BAD_OP)

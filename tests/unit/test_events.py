@@ -112,7 +112,7 @@ def test_ack_drops_events_from_storage_but_keeps_a_recent_tail() -> None:
     assert len(engine.events) <= RECENT_EVENTS
 
 
-@pytest.mark.parametrize("ack", [0, 2])
+@pytest.mark.parametrize("ack", [0, 2, 4])
 def test_events_are_committed_with_their_change_and_reload_unacked(ack: int) -> None:
     path = Path(tempfile.mkdtemp()) / "shard.db"
     storage = SqliteStorage(path)
