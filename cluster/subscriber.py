@@ -137,6 +137,10 @@ class SubscriberActor:
         self.delivered = 0
         self.dead = 0
         self._reloaded = 0.0
+        #: what each shard was last told: keep events durably (a trigger listens) or not
+        self._durable: dict[int, bool] = {}
+        #: per shard, the seq at which events became durable again: the pump starts after it
+        self._resync: dict[int, int] = {}
 
     # -- control ------------------------------------------------------------------------------
     async def ensure_running(self) -> int:
@@ -185,7 +189,30 @@ class SubscriberActor:
         items = await self.state.items(TRIGGERS_GROUP)
         self.triggers = {item.key: item.value for item in items}
         self._reloaded = time.monotonic()
+        await asyncio.gather(*(self._tell_shard(shard) for shard in self.shard_ids))
         return len(self.triggers)
+
+    async def _tell_shard(self, shard: int, handle: Any = None) -> None:
+        """Tell a shard whether any trigger listens (only when that changed, or it restarted).
+
+        While none does, shards keep events in memory only and acknowledge them themselves: writes
+        nobody listens to cost no storage and no push. Before a registration returns
+        (``subscribers_ready``), every shard keeps events durably again, from the seq it reports.
+        """
+        wanted = bool(self.triggers)
+        if self._durable.get(shard) == wanted:
+            return
+        try:
+            if handle is None:
+                name = self.config.shard_name(shard)
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            seq = await handle.set_events_durable.remote(wanted)
+        except (RayActorError, ValueError):  # restarting: its pump tells it when it is back
+            self._durable.pop(shard, None)
+            return
+        self._durable[shard] = wanted
+        if wanted:
+            self._resync[shard] = seq
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and operators."""
@@ -216,6 +243,22 @@ class SubscriberActor:
             try:
                 if handle is None:
                     handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+                    self._durable.pop(shard, None)  # a (re)started shard keeps events durably
+                    await self._tell_shard(shard, handle)
+                if not self.triggers:  # nothing listens: the shard acknowledges its own events
+                    self.inbox[shard] = []
+                    wake = self.wake[shard]
+                    wake.clear()
+                    try:
+                        await asyncio.wait_for(wake.wait(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    if time.monotonic() - self._reloaded > TRIGGER_RELOAD:
+                        await self.reload_triggers()
+                    continue
+                floor = self._resync.pop(shard, None)
+                if floor is not None and cursor is not None and cursor < floor:
+                    cursor = acked = floor  # events before a registration are not delivered
                 events: list[Event] | None = None
                 if cursor is None:
                     _seq, cursor, _oldest = await handle.event_state.remote()

@@ -182,6 +182,13 @@ class ShardActor:
         self._commit()
         return acked
 
+    def set_events_durable(self, durable: bool) -> int:
+        """Whether a trigger listens (the subscriber says): keep events durably for it, or only in
+        memory for watchers. Returns the last seq handed out before the switch."""
+        seq = self.engine.set_durable_events(bool(durable))
+        self._commit()
+        return seq
+
     def sweep(self) -> int:
         """Delete expired entries and forget old op results now; return how many entries expired."""
         expired = self.engine.sweep()
@@ -207,6 +214,7 @@ class ShardActor:
             "groups": len(store.groups),
             "keys": len(store),
             "durability": self.durability,
+            "durable_events": self.engine.durable_events,
             "restarted": self.restarted,
             "load_seconds": self.load_seconds,
             "batches": self.batches,

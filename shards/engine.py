@@ -83,6 +83,9 @@ class ShardEngine:
         self.seq = 0
         self.acked_seq = 0
         self._event_bytes = 0
+        #: False while no trigger listens: events then go to the in-memory log only (for watchers)
+        #: and count as acknowledged at once, so storage writes and pushes none of them
+        self.durable_events = True
         self._changes = Changes()
         self._now = 0.0
         #: values decoded by updates in the current batch: a hot key is unpickled once per batch
@@ -152,6 +155,21 @@ class ShardEngine:
         if seq > self.acked_seq:
             self.acked_seq = seq
             self._changes.acked_seq = seq
+        self._trim()
+        return self.acked_seq
+
+    def set_durable_events(self, durable: bool) -> int:
+        """Make events durable (outbox) or memory-only; returns the last seq handed out so far.
+
+        Turning them off acknowledges every event so far: nothing is left for a subscriber.
+        """
+        if not durable:
+            self.ack(self.seq)
+        self.durable_events = durable
+        return self.seq
+
+    def _trim(self) -> None:
+        """Drop acknowledged events beyond the recent tail kept for watchers."""
         log = self.events
         while (
             log
@@ -159,14 +177,17 @@ class ShardEngine:
             and (len(log) > RECENT_EVENTS or self._event_bytes > RECENT_EVENT_BYTES)
         ):
             self._event_bytes -= _event_size(log.popleft())
-        return self.acked_seq
 
     def _emit(self, kind: str, group_id: str, key: str, old: bytes | None, new: bytes | None) -> None:
         self.seq += 1
         event = Event(self.seq, kind, group_id, key, old, new, self._now)
         self.events.append(event)
         self._event_bytes += _event_size(event)
-        self._changes.events.append(event)
+        if self.durable_events:
+            self._changes.events.append(event)
+        else:  # nobody listens: acknowledged as it happens (storage keeps only the seq)
+            self.acked_seq = self._changes.acked_seq = self.seq
+            self._trim()
 
     def sweep(self, now: float | None = None) -> int:
         """Remove expired entries and forget old op results; return how many entries expired."""

@@ -312,3 +312,28 @@ def test_decorator_remote_function_handler_and_async_watch(
     assert asyncio.run(follow()) == [("w", "x")]
     state.remove_trigger(f"remote-{group}")
     state.remove_trigger(f"deco-{group}")
+
+
+def test_events_are_kept_durably_only_while_a_trigger_listens(
+    new_cluster: dict[str, str], recorder: str
+) -> None:
+    state = shardstate.connect(**new_cluster, shards=2)
+
+    def durable() -> list[bool]:
+        return [info["durable_events"] for info in state.shard_info()]
+
+    wait_for(lambda: durable() == [False, False], timeout=60)  # no trigger: memory-only events
+    state.set("quiet", "before", 0)
+    state.on_change(recording_handler(recorder), group_id="loud", name="listen")
+    assert durable() == [True, True]  # switched before on_change returned
+    for _ in range(20):
+        state.update("loud", "n", [ops.increment("v")])
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len(ray.get(rec.get.remote())) == 20, timeout=60)
+    assert [r[5] for r in ray.get(rec.get.remote())] == [{"v": i} for i in range(1, 21)]
+    assert state.remove_trigger("listen")
+    assert durable() == [False, False]
+    events = state.watch("loud", timeout=30)  # watchers still see memory-only events
+    state.update("loud", "n", [ops.increment("v")])
+    seen = next(events)
+    assert (seen.event_type, seen.key, seen.new_value) == ("state:updated", "n", {"v": 21})

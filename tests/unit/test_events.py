@@ -133,3 +133,43 @@ def test_events_are_committed_with_their_change_and_reload_unacked(ack: int) -> 
     assert [e.seq for e in reloaded.events] == list(range(ack + 1, 5))
     run(reloaded, C.command(C.DELETE, "g", "k0"))
     assert reloaded.seq == 5  # numbering continues after a restart
+
+
+def test_memory_only_events_are_logged_for_watchers_but_not_stored_and_seq_survives_reload() -> None:
+    path = Path(tempfile.mkdtemp()) / "shard.db"
+    storage = SqliteStorage(path)
+    engine = ShardEngine()
+    run(engine, C.command(C.SET, "g", "a", enc(1)))
+    storage.commit(engine.take_changes())
+    assert engine.set_durable_events(False) == 1  # nobody listens: everything so far is acknowledged
+    changes = engine.take_changes()
+    assert changes.acked_seq == 1
+    storage.commit(changes)
+    run(engine, C.command(C.SET, "g", "b", enc(2)), C.command(C.DELETE, "g", "a"))
+    changes = engine.take_changes()
+    assert changes.events == []  # no outbox rows, no push
+    assert changes.acked_seq == engine.acked_seq == engine.seq == 3
+    assert kinds(engine) == [(1, CREATED, "g", "a"), (2, CREATED, "g", "b"), (3, DELETED, "g", "a")]
+    storage.commit(changes)
+    storage.close()
+
+    again = SqliteStorage(path)
+    reloaded = ShardEngine()
+    reloaded.load(again.load())
+    assert (reloaded.seq, reloaded.acked_seq, list(reloaded.events)) == (3, 3, [])
+    assert reloaded.durable_events  # a restarted shard keeps events until told otherwise
+    run(reloaded, C.command(C.SET, "g", "c", enc(3)))
+    assert [e.seq for e in reloaded.take_changes().events] == [4]  # numbering continues, stored again
+
+
+def test_turning_durable_events_back_on_stores_what_follows() -> None:
+    engine = ShardEngine()
+    engine.set_durable_events(False)
+    run(engine, C.command(C.SET, "g", "a", enc(1)))
+    engine.take_changes()
+    assert engine.set_durable_events(True) == 1
+    run(engine, C.command(C.SET, "g", "b", enc(2)))
+    changes = engine.take_changes()
+    assert [e.seq for e in changes.events] == [2]
+    assert changes.acked_seq is None
+    assert engine.acked_seq == 1
