@@ -13,9 +13,11 @@ returns the first result and applies nothing again.
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 import math
 import pickle
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,6 +38,10 @@ DEFAULT_OP_RETENTION = 24 * 3600.0
 DEFAULT_AUTO_OP_RETENTION = 120.0  # > the clients' default retry_timeout (60 s) + a restart
 #: an automatic retry's remembered result is kept whole up to this size (bytes of old + new value)
 AUTO_RESULT_LIMIT = 16 * 1024
+#: how many keys' decoded values the engine keeps between batches (for repeated updates), and the
+#: stored size of what it decoded since it last dropped them all
+DECODED_KEYS = 1024
+DECODED_BYTES = 64 * 1024 * 1024
 #: acknowledged events kept in memory for live watchers
 RECENT_EVENTS = 10_000
 #: ... and at most this many bytes of their values
@@ -88,8 +94,10 @@ class ShardEngine:
         self.durable_events = True
         self._changes = Changes()
         self._now = 0.0
-        #: values decoded by updates in the current batch: a hot key is unpickled once per batch
+        #: values recently decoded or produced by updates, by key, with the stored bytes they belong
+        #: to: a hot key (a growing fan-in document) is not unpickled again for every update
         self._decoded: dict[tuple[str, str], tuple[bytes, Any]] = {}
+        self._decoded_bytes = 0
         self._handlers: dict[str, Callable[[Any, Any, Any, dict[str, Any]], Any]] = {
             C.SET: self._set,
             C.GET: self._get,
@@ -128,7 +136,9 @@ class ShardEngine:
         Expired entries are removed first, so no command of the batch sees them.
         """
         self._now = self.clock() if now is None else now
-        self._decoded.clear()
+        if len(self._decoded) > DECODED_KEYS or self._decoded_bytes > DECODED_BYTES:
+            self._decoded.clear()
+            self._decoded_bytes = 0
         self._expire(self._now)
         return [self._execute(cmd) for cmd in batch]
 
@@ -371,15 +381,16 @@ class ShardEngine:
         if current is not None:
             cached = self._decoded.get((group_id, key))
             if cached is not None and cached[0] is current.data:
-                value = cached[1]  # updated earlier in this batch: apply_ops never mutates its input
+                value = cached[1]  # still the stored value: apply_ops never mutates its input
             else:
                 try:
                     value = pickle.loads(current.data)
                 except Exception as exc:  # a class the shard cannot import: not a JSON-like value
                     raise UpdateError(f"the stored value cannot be updated: {exc}", 0, NOT_JSON) from None
         new_value = apply_ops(value, ops, exists=current is not None)
-        new = check_size(_dumps(new_value), self.max_value_size)
+        new = check_size(canonical_dumps(new_value), self.max_value_size)
         self._decoded[(group_id, key)] = (new, new_value)
+        self._decoded_bytes += len(new)
         self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True))
         return (None if current is None else current.data, new)
 
@@ -405,11 +416,31 @@ def _payload_size(payload: Any) -> int:
     return len(payload) if isinstance(payload, bytes) else 0
 
 
-def _dumps(value: Any) -> bytes:
-    """Pickle an update's result: plain pickle (fast), cloudpickle for what only it can pickle."""
+def canonical_dumps(value: Any) -> bytes:
+    """Pickle an update's result the same way whatever objects it shares (deterministic size).
+
+    A pickler without a memo ("fast" mode) writes every object in full, so the bytes (and the size
+    checked against the limit) depend only on the value, not on which of its parts happen to be
+    the same object; it is also faster on large documents. A value with a reference cycle, or
+    that plain pickle cannot handle, falls back to cloudpickle.
+    """
+    pickler = getattr(_canonical, "pickler", None)
+    if pickler is None:
+        buffer = io.BytesIO()
+        pickler = _canonical.pickler = (buffer, pickle.Pickler(buffer, protocol=pickle.HIGHEST_PROTOCOL))
+        pickler[1].fast = True
+    buffer, fast = pickler
+    buffer.seek(0)
+    buffer.truncate()
     try:
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        fast.dump(value)
+        return buffer.getvalue()
     except RecursionError:
+        del _canonical.pickler
         raise UpdateError("the updated value is nested too deeply to store", 0, NOT_JSON) from None
-    except Exception:
+    except Exception:  # a cycle, or something only cloudpickle can pickle
+        del _canonical.pickler
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
+_canonical = threading.local()

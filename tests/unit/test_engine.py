@@ -21,7 +21,7 @@ from shardstate import InvalidInput, StateError, UpdateError, ValueTooLarge
 from shardstate._errors import StaleShardMap
 from shardstate.shards import commands as C
 from shardstate.shards.commands import command
-from shardstate.shards.engine import ShardEngine
+from shardstate.shards.engine import ShardEngine, canonical_dumps
 from shardstate.shards.records import Entry
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import apply_ops
@@ -232,7 +232,7 @@ def test_value_size_limit_on_update_result() -> None:
     grow = [{"type": "append", "path": "s", "value": "b" * 100}]
     too_big = err(engine.execute(command(C.UPDATE, "g", "k", grow)), ValueTooLarge)
     assert too_big.limit == 200
-    assert too_big.size == len(pickle.dumps({"s": "a" * 100 + "b" * 100}, protocol=pickle.HIGHEST_PROTOCOL))
+    assert too_big.size == len(canonical_dumps({"s": "a" * 100 + "b" * 100}))
     assert ok(engine.execute(command(C.GET, "g", "k"))) == data
     err(
         engine.execute(command(C.UPDATE, "g", "fresh", [{"type": "set", "path": "s", "value": "c" * 300}])),
@@ -539,13 +539,14 @@ class EngineMachine(RuleBasedStateMachine):
             failed = err(result, UpdateError)
             assert (failed.op_index, failed.code) == (expected.op_index, expected.code)
             return
-        size = len(pickle.dumps(expected, protocol=pickle.HIGHEST_PROTOCOL))
+        size = len(canonical_dumps(expected))
         if size > LIMIT:
             too_big = err(result, ValueTooLarge)
             assert (too_big.size, too_big.limit) == (size, LIMIT)
             return
         got_old, got_new = ok(result)
         assert got_old == old
+        assert got_new == canonical_dumps(expected)
         assert canon(pickle.loads(got_new)) == canon(expected)
         self.model.setdefault(group, {})[key] = got_new
 
@@ -588,3 +589,47 @@ class EngineMachine(RuleBasedStateMachine):
 
 TestEngineMachine = EngineMachine.TestCase
 TestEngineMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def test_canonical_dumps_depends_on_the_value_only_and_handles_cycles() -> None:
+    text = "".join(["x"] * 50)
+    shared = {"a": text, "b": text}
+    separate = {"a": "".join(["x"] * 50), "b": "".join(["x"] * 50)}
+    assert pickle.dumps(shared) != pickle.dumps(separate)  # plain pickle writes a shared str once
+    assert canonical_dumps(shared) == canonical_dumps(separate)
+    assert pickle.loads(canonical_dumps(shared)) == shared
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    back = pickle.loads(canonical_dumps({"c": cycle}))
+    assert back["c"][0] is back["c"]
+    assert canonical_dumps({"n": 1}) == canonical_dumps({"n": 1})  # the pickler is reusable after a fallback
+
+
+def fan_in_op(i: int) -> list[dict[str, Any]]:
+    return [{"type": "merge", "path": "fields", "value": {f"t{i}": i}}, {"type": "increment", "path": "done"}]
+
+
+def test_repeated_updates_reuse_the_decoded_value_and_store_what_a_fresh_decode_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[int] = []
+    real_loads = pickle.loads
+
+    def counting_loads(data: bytes, /, **kwargs: Any) -> Any:
+        decoded.append(len(data))
+        return real_loads(data, **kwargs)
+
+    engine = ShardEngine()
+    ok(engine.execute(command(C.SET, "g", "doc", enc({"fields": {}, "done": 0}))))
+    monkeypatch.setattr("shardstate.shards.engine.pickle.loads", counting_loads)
+    for i in range(50):  # one update per batch, as in a fan-in
+        _old, new = ok(engine.execute(command(C.UPDATE, "g", "doc", fan_in_op(i))))
+    assert len(decoded) == 1  # only the value the set stored was unpickled
+    assert new == canonical_dumps({"fields": {f"t{i}": i for i in range(50)}, "done": 50})
+    fresh = ShardEngine()  # decodes the stored bytes before every update
+    ok(fresh.execute(command(C.SET, "g", "doc", enc({"fields": {}, "done": 0}))))
+    for i in range(50):
+        fresh._decoded.clear()
+        _old, again = ok(fresh.execute(command(C.UPDATE, "g", "doc", fan_in_op(i))))
+    assert len(decoded) == 51
+    assert again == new

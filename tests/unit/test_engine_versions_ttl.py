@@ -16,7 +16,7 @@ import pytest
 from shardstate._errors import ConflictError, InvalidInput, StateError, UpdateError
 from shardstate.shards import commands as C
 from shardstate.shards.commands import command
-from shardstate.shards.engine import AUTO_OP_PREFIX, AUTO_RESULT_LIMIT, ShardEngine
+from shardstate.shards.engine import AUTO_OP_PREFIX, AUTO_RESULT_LIMIT, ShardEngine, canonical_dumps
 from shardstate.shards.records import Entry, Loaded, OpRecord
 
 T0 = 1_000.0
@@ -406,7 +406,7 @@ def test_update_without_ttl_keeps_it_and_with_ttl_sets_it() -> None:
     ok(do(engine, C.UPDATE, "g", "plain", INCR, ttl=1))
     assert entry_of(engine, "g", "plain")[3] == T0 + 12
     ok(do(engine, C.UPDATE, "g", "new", INCR, ttl=2.5))
-    assert entry_of(engine, "g", "new") == (enc({"n": 1}), 1, T0 + 11, T0 + 13.5)
+    assert entry_of(engine, "g", "new") == (canonical_dumps({"n": 1}), 1, T0 + 11, T0 + 13.5)
     clock.advance(15)  # T0 + 26
     assert ok(do(engine, C.ITEMS, "g")) == []
     assert ok(do(engine, C.GROUPS)) == []
@@ -439,10 +439,10 @@ def test_a_recreated_key_is_not_deleted_by_the_old_key_s_expiry() -> None:
     ok(do(engine, C.UPDATE, "g", "c", INCR))
     clock.advance(10)
     assert engine.sweep() == 0
-    assert ok(do(engine, C.ITEMS, "g")) == [("b", enc(3)), ("c", enc({"n": 1}))]
+    assert ok(do(engine, C.ITEMS, "g")) == [("b", enc(3)), ("c", canonical_dumps({"n": 1}))]
     clock.advance(10)
     assert engine.sweep() == 1
-    assert ok(do(engine, C.ITEMS, "g")) == [("c", enc({"n": 1}))]
+    assert ok(do(engine, C.ITEMS, "g")) == [("c", canonical_dumps({"n": 1}))]
 
 
 def test_the_same_expiry_time_twice_deletes_once() -> None:
