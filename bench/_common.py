@@ -25,7 +25,7 @@ def report(title: str, rows: list[dict[str, Any]], out: str, extra: dict[str, An
         table.add_column(col, justify="left" if col == rows[0] and False else "right")
     for row in rows:
         table.add_row(*(f"{v:,.2f}" if isinstance(v, float) else str(v) for v in row.values()))
-    Console().print(table)
+    Console(width=max(Console().width, 140)).print(table)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {"title": title, "machine": platform.platform(), "python": platform.python_version(), "rows": rows}
