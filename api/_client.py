@@ -251,10 +251,9 @@ class StateClient(_ClientBase):
         out: builtins.list[tuple[bool, Any]] = [(False, None)] * len(reqs)
         backoff: Backoff | None = None
         pending = by_shard
+        packed = {s: pack([reqs[i].cmd for i in idx]) for s, idx in by_shard.items()}  # before any send
         while pending:
-            refs = {
-                s: view.shards[s].run.remote(pack([reqs[i].cmd for i in idx])) for s, idx in pending.items()
-            }
+            refs = {s: view.shards[s].run.remote(packed[s]) for s in pending}
             failed: dict[int, builtins.list[int]] = {}
             for s, ref in refs.items():
                 try:
@@ -621,7 +620,11 @@ class AsyncStateClient(_ClientBase):
         slots = [Slot(req) for req in reqs]
         for slot in slots:
             by_shard.setdefault(view.owners[slot_of(slot.req.group_id)], []).append(slot)
-        await asyncio.gather(*(lanes.send(s, batch, self._run_direct) for s, batch in by_shard.items()))
+        # packed before any send: a call that cannot be pickled fails the whole bulk call, sending nothing
+        packed = {s: pack([slot.req.cmd for slot in batch]) for s, batch in by_shard.items()}
+        await asyncio.gather(
+            *(lanes.send(s, batch, packed[s], self._run_direct) for s, batch in by_shard.items())
+        )
         return [(slot.ok, slot.value) for slot in slots]
 
     # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------

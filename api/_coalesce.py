@@ -34,7 +34,7 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from shardstate._errors import StaleShardMap, StateError
+from shardstate._errors import InvalidInput, StaleShardMap, StateError
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -57,7 +57,10 @@ def pack(cmds: Sequence[Any]) -> bytes:
     try:
         return pickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+        try:
+            return cloudpickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise InvalidInput(f"the call could not be pickled: {type(exc).__name__}: {exc}") from None
 
 
 def unpack(packed: bytes) -> list[tuple[bool, Any]]:
@@ -165,7 +168,13 @@ class SyncLanes:
         from shardstate._client import Backoff
 
         link = self.link
-        packed = pack([s.req.cmd for s in batch])
+        try:
+            packed = pack([s.req.cmd for s in batch])
+        except InvalidInput:  # an operand nothing can pickle: fail that call, send the others
+            batch = [s for s in batch if _packs(s)]
+            if not batch:
+                return
+            packed = pack([s.req.cmd for s in batch])
         backoff: Backoff | None = None
         while True:
             handle = link.current().shards[shard]
@@ -237,7 +246,13 @@ class AsyncLanes:
             free = MAX_IN_FLIGHT - len(lane.in_flight)
             size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
             batch, lane.queue = lane.queue[:size], lane.queue[size:]
-            packed = pack([slot.req.cmd for slot, _ in batch])
+            try:
+                packed = pack([slot.req.cmd for slot, _ in batch])
+            except InvalidInput:  # an operand nothing can pickle: fail that call, send the others
+                batch = _picklable(batch)
+                if not batch:
+                    continue
+                packed = pack([slot.req.cmd for slot, _ in batch])
             lane.in_flight.append((batch, packed, view.shards[lane.shard].run.remote(packed)))
         if lane.receiver is None and (lane.in_flight or lane.queue):
             lane.receiver = asyncio.get_running_loop().create_task(self._receive(lane, redo))
@@ -282,10 +297,11 @@ class AsyncLanes:
             _resolve_all(lane.queue, exc)
             lane.queue.clear()
 
-    async def send(self, shard: int, slots: list[Slot], redo: Callable[[Request], Any]) -> None:
-        """Send ``slots`` as one batch now, outside the lanes (bulk calls), and settle them."""
+    async def send(
+        self, shard: int, slots: list[Slot], packed: bytes, redo: Callable[[Request], Any]
+    ) -> None:
+        """Send ``slots`` (``packed``) as one batch now, outside the lanes (bulk calls); settle them."""
         view = self.link.view or await self.link.refresh_async()
-        packed = pack([slot.req.cmd for slot in slots])
         await self._await(shard, slots, packed, view.shards[shard].run.remote(packed), redo)
 
     async def _await(
@@ -326,6 +342,29 @@ class AsyncLanes:
                 slot.value, slot.ok = await redo(slot.req), True
             except StateError as exc:
                 slot.value, slot.ok = exc, False
+
+
+def _packs(slot: Slot) -> bool:
+    """Whether ``slot``'s command can be pickled; if not, the slot fails with :class:`InvalidInput`."""
+    try:
+        pack([slot.req.cmd])
+        return True
+    except InvalidInput as exc:
+        slot.value, slot.ok, slot.done = exc, False, True
+        return False
+
+
+def _picklable(
+    calls: list[tuple[Slot, asyncio.Future[Any]]],
+) -> list[tuple[Slot, asyncio.Future[Any]]]:
+    """The calls whose command can be pickled; the others fail with :class:`InvalidInput`."""
+    kept = []
+    for slot, fut in calls:
+        if _packs(slot):
+            kept.append((slot, fut))
+        else:
+            fut.set_exception(slot.value)
+    return kept
 
 
 def _later(req: Request) -> Any:

@@ -12,6 +12,7 @@ import pytest
 
 import shardstate
 from shardstate import UpdateError, ops
+from shardstate._requests import set_request, update_request
 from shardstate.cluster.slots import slot_of
 
 pytestmark = pytest.mark.timeout(300)
@@ -166,3 +167,42 @@ def test_a_batch_the_shard_cannot_unpickle_fails_only_the_bad_call(
     assert p.results[0].new_value == {"v": 1}
     assert isinstance(p.results[1], shardstate.InvalidInput)
     assert p.results[2] == {"v": 1}
+
+
+class Unpicklable(str):
+    """A str no pickler can write."""
+
+    def __reduce__(self) -> Any:
+        raise TypeError("not today")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("not today")
+
+
+def test_a_call_that_cannot_be_pickled_fails_alone(state: shardstate.StateClient, group: str) -> None:
+    async def main() -> list[Any]:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        values = [Unpicklable("x") if i == 3 else i for i in range(10)]
+        calls = [astate.update(group, f"p{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert isinstance(outcomes[3], shardstate.InvalidInput)
+    assert [o.new_value for i, o in enumerate(outcomes) if i != 3] == [{"v": i} for i in range(10) if i != 3]
+
+
+def test_unpicklable_calls_fail_typed_from_threads_and_pipelines(
+    state: shardstate.StateClient, group: str
+) -> None:
+    with pytest.raises(shardstate.InvalidInput):
+        state.update(group, "u", [ops.set("v", Unpicklable("x"))])
+    owners = state._link.current().owners
+    mine = owners[slot_of(group)]
+    other = next(g for g in (f"{group}-{i}" for i in range(100)) if owners[slot_of(g)] != mine)
+    bad = update_request(group, "u", [ops.set("v", Unpicklable("x"))])
+    reqs = [set_request(other, "before", 1, 1 << 20), bad]
+    with pytest.raises(shardstate.InvalidInput):  # refused before anything is sent, on any shard
+        state._run_many(reqs)
+    assert state.get(other, "before") is None
+    assert state.get(group, "before") is None
+    assert state.get(group, "u") is None
