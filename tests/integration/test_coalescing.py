@@ -144,31 +144,6 @@ def test_lanes_keep_several_batches_in_flight_in_order(state: shardstate.StateCl
     assert _coalesce.MAX_IN_FLIGHT <= calls < 50
 
 
-def test_a_batch_the_shard_cannot_unpickle_fails_only_the_bad_call(
-    state: shardstate.StateClient, group: str
-) -> None:
-    async def main() -> list[Any]:
-        astate = await shardstate.connect_async(cluster=state.cluster)
-        values = [Unimportable("x") if i == 7 else i for i in range(40)]
-        calls = [astate.update(group, f"k{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
-        return await asyncio.gather(*calls, return_exceptions=True)
-
-    outcomes = asyncio.run(main())
-    assert isinstance(outcomes[7], shardstate.InvalidInput)
-    assert "unpickled" in str(outcomes[7])
-    assert [o.new_value for i, o in enumerate(outcomes) if i != 7] == [{"v": i} for i in range(40) if i != 7]
-    assert state.get(group, "k7") is None
-    # the sync bulk path does the same
-    with state.pipeline() as p:
-        p.update(group, "s1", [ops.set("v", 1)])
-        p.update(group, "s2", [ops.set("v", Unimportable("y"))])
-        p.get(group, "s1")
-    assert p.results is not None
-    assert p.results[0].new_value == {"v": 1}
-    assert isinstance(p.results[1], shardstate.InvalidInput)
-    assert p.results[2] == {"v": 1}
-
-
 class Unpicklable(str):
     """A str no pickler can write."""
 
@@ -179,16 +154,40 @@ class Unpicklable(str):
         raise TypeError("not today")
 
 
-def test_a_call_that_cannot_be_pickled_fails_alone(state: shardstate.StateClient, group: str) -> None:
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (Unimportable("x"), "unpickled"),  # the client pickles it, the shard cannot unpickle it
+        (Unpicklable("x"), "pickled"),  # nothing can pickle it: it never leaves the client
+    ],
+)
+def test_a_call_that_cannot_travel_fails_alone(
+    state: shardstate.StateClient, group: str, bad: str, message: str
+) -> None:
     async def main() -> list[Any]:
         astate = await shardstate.connect_async(cluster=state.cluster)
-        values = [Unpicklable("x") if i == 3 else i for i in range(10)]
-        calls = [astate.update(group, f"p{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
+        values = [bad if i == 7 else i for i in range(40)]
+        calls = [astate.update(group, f"k{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
         return await asyncio.gather(*calls, return_exceptions=True)
 
     outcomes = asyncio.run(main())
-    assert isinstance(outcomes[3], shardstate.InvalidInput)
-    assert [o.new_value for i, o in enumerate(outcomes) if i != 3] == [{"v": i} for i in range(10) if i != 3]
+    assert isinstance(outcomes[7], shardstate.InvalidInput)
+    assert message in str(outcomes[7])
+    assert [o.new_value for i, o in enumerate(outcomes) if i != 7] == [{"v": i} for i in range(40) if i != 7]
+    assert state.get(group, "k7") is None
+
+
+def test_a_batch_the_shard_cannot_unpickle_fails_only_the_bad_call_in_a_pipeline(
+    state: shardstate.StateClient, group: str
+) -> None:
+    with state.pipeline() as p:
+        p.update(group, "s1", [ops.set("v", 1)])
+        p.update(group, "s2", [ops.set("v", Unimportable("y"))])
+        p.get(group, "s1")
+    assert p.results is not None
+    assert p.results[0].new_value == {"v": 1}
+    assert isinstance(p.results[1], shardstate.InvalidInput)
+    assert p.results[2] == {"v": 1}
 
 
 def test_unpicklable_calls_fail_typed_from_threads_and_pipelines(
