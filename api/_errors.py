@@ -9,8 +9,10 @@ Every error a caller can see derives from :class:`StateError`::
     ├── ConflictError             compare-and-set saw another version than expected
     └── Unavailable               the cluster cannot be reached, was shut down, or a shard did not
         │                         come back in time (``retriable`` is True)
-        └── StaleShardMap         internal: a shard no longer owns the group's slot; the client
-                                  refreshes its map and retries, callers normally never see it
+        ├── StaleShardMap         internal: a shard no longer owns the group's slot; the client
+        │                         refreshes its map and retries, callers normally never see it
+        └── ShardLoading          internal: the shard is still loading its storage ("loading, N%");
+                                  the client waits and retries within its own retry timeout
 
 A bad call never changes state and never kills an actor: the shard turns it into this call's error.
 Errors cross actor boundaries pickled, so each class keeps its constructor arguments in ``args``
@@ -103,6 +105,14 @@ class StaleShardMap(Unavailable):
     """A shard answered that it does not own the group's slot (the caller's shard map is old)."""
 
 
+class ShardLoading(Unavailable):
+    """A shard is still loading its storage (the message says how far); nothing was executed.
+
+    Clients wait and send the same batch again (within their ``retry_timeout``), so a slow load
+    delays callers instead of failing them.
+    """
+
+
 #: Every public error class, for tests and ``__all__``.
 ERROR_CLASSES: tuple[type[StateError], ...] = (
     StateError,
@@ -112,4 +122,5 @@ ERROR_CLASSES: tuple[type[StateError], ...] = (
     ConflictError,
     Unavailable,
     StaleShardMap,
+    ShardLoading,
 )
