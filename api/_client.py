@@ -391,15 +391,19 @@ class StateClient(_ClientBase):
         key: str | None = None,
         condition: Callable[[StateEvent], bool] | None = None,
         name: str | None = None,
+        *,
+        timeout: float = 60.0,
     ) -> str:
         """Register a durable trigger: run ``handler(event)`` (a Ray task) for every matching change.
 
         ``group_id``/``key`` are exact-match filters (None: any); ``condition(event)`` decides per
-        event. Delivery is at least once, in commit order per group; ``event.event_id`` is stable
-        across redeliveries. Re-registering a ``name`` replaces it. Returns the trigger's name.
+        event. Delivery is at least once, in commit order per group, of the changes committed from
+        now on; ``event.event_id`` is stable across redeliveries. An attempt running longer than
+        ``timeout`` seconds is cancelled and counts as failed (retried, then a dead letter).
+        Re-registering a ``name`` replaces it. Returns the trigger's name.
         """
-        name, record = _triggers.trigger_record(handler, group_id, key, condition, name)
-        self.set(_triggers.TRIGGERS_GROUP, name, record)
+        name, record = _triggers.trigger_record(handler, group_id, key, condition, name, timeout)
+        _triggers.system_set(self, _triggers.TRIGGERS_GROUP, name, record)
         self._subscribers_ready()
         return name
 
@@ -409,18 +413,20 @@ class StateClient(_ClientBase):
         key: str | None = None,
         condition: Callable[[StateEvent], bool] | None = None,
         name: str | None = None,
+        *,
+        timeout: float = 60.0,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator form of :meth:`on_change`: ``@state.trigger(group_id="orders")``."""
 
         def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-            self.on_change(handler, group_id=group_id, key=key, condition=condition, name=name)
+            self.on_change(handler, group_id, key, condition, name, timeout=timeout)
             return handler
 
         return register
 
     def remove_trigger(self, name: str) -> bool:
         """Unregister trigger ``name``; False if there was none."""
-        removed = self.delete(_triggers.TRIGGERS_GROUP, name) is not None
+        removed = _triggers.system_delete(self, _triggers.TRIGGERS_GROUP, name) is not None
         self._subscribers_ready()
         return removed
 
@@ -638,9 +644,13 @@ class AsyncStateClient(_ClientBase):
         key: str | None = None,
         condition: Callable[[StateEvent], bool] | None = None,
         name: str | None = None,
+        *,
+        timeout: float = 60.0,
     ) -> str:
         """See :meth:`StateClient.on_change`."""
-        return await asyncio.to_thread(self._sync().on_change, handler, group_id, key, condition, name)
+        return await asyncio.to_thread(
+            self._sync().on_change, handler, group_id, key, condition, name, timeout=timeout
+        )
 
     async def remove_trigger(self, name: str) -> bool:
         """See :meth:`StateClient.remove_trigger`."""

@@ -8,6 +8,7 @@ they start.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import ray
 
 from shardstate._errors import InvalidInput, StateError
 from shardstate._models import DeadLetter, StateEvent, TriggerInfo
+from shardstate.cluster.delivery import DEFAULT_HANDLER_TIMEOUT
 from shardstate.cluster.slots import slot_of
 from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP, to_state_event
 from shardstate.shards.validation import check_name
@@ -31,18 +33,39 @@ class WaitTimeout(StateError, TimeoutError):
     """``wait_until`` ran out of time before the predicate held."""
 
 
+def system_set(state: StateClient, group_id: str, key: str, value: Any) -> None:
+    """Every write a client makes to a system group (the trigger registry) goes through here."""
+    state.set(group_id, key, value)
+
+
+def system_delete(state: StateClient, group_id: str, key: str) -> Any:
+    """Every delete a client makes in a system group goes through here; returns the old value."""
+    return state.delete(group_id, key)
+
+
 def trigger_record(
     handler: Callable[..., Any],
     group_id: str | None,
     key: str | None,
     condition: Callable[[StateEvent], bool] | None,
     name: str | None,
+    timeout: float = DEFAULT_HANDLER_TIMEOUT,
 ) -> tuple[str, dict[str, Any]]:
-    """Check a trigger's arguments; return its name and the record stored for it."""
+    """Check a trigger's arguments; return its name and the record stored for it.
+
+    ``timeout``: seconds one handler attempt may run (a positive number; ``math.inf``: no limit).
+    """
     if not callable(handler) and not hasattr(handler, "remote"):
         raise InvalidInput(f"handler must be callable or a Ray remote function, got {type(handler).__name__}")
     if condition is not None and not callable(condition):
         raise InvalidInput(f"condition must be callable, got {type(condition).__name__}")
+    if (
+        not isinstance(timeout, (int, float))
+        or isinstance(timeout, bool)
+        or math.isnan(timeout)
+        or timeout <= 0
+    ):
+        raise InvalidInput(f"timeout must be a positive number of seconds, got {timeout!r}")
     if group_id is not None:
         check_name(group_id, "group_id")
     if key is not None:
@@ -65,6 +88,7 @@ def trigger_record(
         "handler": handler_blob,
         "condition": condition_blob,
         "handler_name": getattr(handler, "__qualname__", repr(handler)),
+        "timeout": float(timeout),
     }
     return name, record
 

@@ -3,33 +3,55 @@
 Every shard writes an event for each committed change into its event log in the same transaction as
 the change (the outbox). A subscriber pulls each of its shards' logs in batches (woken by the shard
 after a commit, and every second anyway), runs the matching handlers as Ray tasks (never inside a
-shard), and acknowledges a batch to the shard only after all its handlers finished; the shard then
-drops the acknowledged events. A killed subscriber or shard resumes from the last acknowledgement,
-so an event can be delivered again (``event_id`` is stable) but is never lost.
+shard; see :mod:`shardstate.cluster.delivery`), and acknowledges a batch to the shard only after all
+its handlers finished; the shard then drops the acknowledged events. A killed subscriber or shard
+resumes from the last acknowledgement, so an event can be delivered again (``event_id`` is stable)
+but is never lost.
 
 Order: a group lives on one shard and a shard's batches are handled one after another; inside a batch
 one task per (trigger, group) calls the handler for that group's events in commit order, so a handler
-sees each group's events in order while different groups run in parallel. A handler that raises is
-retried with backoff; after the last attempt the event is recorded as a dead letter and the next one
-proceeds.
+sees each group's events in order while different groups run in parallel. A handler that raises or
+runs past its trigger's timeout is retried with backoff; after the last attempt the event is recorded
+as a dead letter (always storable: see :func:`_record_dead`) and the next one proceeds.
+
+Bounds: at most :data:`MAX_IN_FLIGHT` delivery tasks run at once per subscriber, and the events
+shards push are kept in memory up to :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` per shard; pushes
+beyond that are dropped and the pump reads those events from the shard's log when it gets to them.
+
+Trigger state: the subscriber records in the cluster metadata whether any trigger is registered
+(before telling the shards), so a shard that restarts knows whether to keep its events durably.
+A trigger registered while others exist starts from "now": events its shards had committed when the
+subscriber loaded it are not delivered to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import pickle
+import sys
 import time
 import traceback
-from collections.abc import Sequence
 from typing import Any
 
 import cloudpickle
 import ray
 from ray.exceptions import RayActorError
 
+from shardstate._errors import StateError, Unavailable
 from shardstate._models import StateEvent
+from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
+from shardstate.cluster.delivery import (
+    DEFAULT_HANDLER_TIMEOUT,
+    HANDLER_ATTEMPTS,
+    describe,
+    letter,
+    letter_key,
+    letter_value,
+    run_delivery,
+)
 from shardstate.shards.records import Event
 
 #: system groups (kept out of user triggers)
@@ -38,11 +60,14 @@ TRIGGERS_GROUP = SYSTEM_PREFIX + "triggers"
 DEAD_LETTERS_GROUP = SYSTEM_PREFIX + "dead_letters"
 
 BATCH = 1000
-HANDLER_ATTEMPTS = 4
-HANDLER_BACKOFF = 0.05
 TRIGGER_RELOAD = 5.0
 #: handled events are acknowledged to their shard at most this often while events keep coming
 ACK_EVERY = 0.05
+#: delivery tasks (one per trigger and group of a batch) running at once, per subscriber
+MAX_IN_FLIGHT = 32
+#: pushed events kept in memory per shard (count, and bytes of their values); the rest is read later
+INBOX_EVENTS = 10_000
+INBOX_BYTES = 64 * 1024 * 1024
 
 
 def to_state_event(cluster: str, shard: int, event: Event) -> StateEvent:
@@ -88,37 +113,19 @@ def _selected(specs: list[dict[str, Any]], record: Event) -> bool:
     )
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def deliver(
-    name: str, handler_blob: bytes, condition_blob: bytes | None, events: Sequence[StateEvent]
-) -> list[dict[str, Any]]:
-    """Run one trigger's handler for a group's events, in order; return the dead letters."""
-    handler = cloudpickle.loads(handler_blob)
-    condition = None if condition_blob is None else cloudpickle.loads(condition_blob)
-    dead: list[dict[str, Any]] = []
-    for event in events:
-        for attempt in range(1, HANDLER_ATTEMPTS + 1):
-            try:
-                if condition is None or condition(event):
-                    if hasattr(handler, "remote"):
-                        ray.get(handler.remote(event))
-                    else:
-                        handler(event)
-                break
-            except Exception as exc:
-                if attempt == HANDLER_ATTEMPTS:
-                    dead.append(
-                        {
-                            "trigger": name,
-                            "event": event,
-                            "error": "".join(traceback.format_exception_only(type(exc), exc)).strip(),
-                            "attempts": attempt,
-                            "at": time.time(),
-                        }
-                    )
-                else:
-                    time.sleep(HANDLER_BACKOFF * 2 ** (attempt - 1))
-    return dead
+async def system_set(state: Any, group_id: str, key: str, value: Any) -> None:
+    """Every write the subscriber makes to a system group (dead letters) goes through here."""
+    await state.set(group_id, key, value)
+
+
+def handler_timeout(spec: dict[str, Any]) -> float | None:
+    """A trigger's per-attempt handler timeout in seconds (None: no limit)."""
+    timeout = spec.get("timeout", DEFAULT_HANDLER_TIMEOUT)
+    return None if timeout is None or math.isinf(timeout) else float(timeout)
+
+
+def _size(event: Event) -> int:
+    return len(event.old or b"") + len(event.new or b"") + 100
 
 
 class SubscriberActor:
@@ -136,11 +143,27 @@ class SubscriberActor:
         self.state: Any = None
         self.delivered = 0
         self.dead = 0
+        self.letters_dropped = 0
         self._reloaded = 0.0
+        self._loaded = False
+        #: what was last recorded in the cluster metadata: does any trigger listen
+        self._active_recorded: bool | None = None
         #: what each shard was last told: keep events durably (a trigger listens) or not
         self._durable: dict[int, bool] = {}
         #: per shard, the seq at which events became durable again: the pump starts after it
         self._resync: dict[int, int] = {}
+        #: per trigger registered while the subscriber ran, per shard: its events up to here are
+        #: not for it (it starts from "now"); dropped once the pump has passed them
+        self._floors: dict[str, dict[int, int]] = {}
+        self._handles: dict[int, Any] = {}
+        #: per shard: the highest seq a push announced (a dropped push leaves it above the cursor)
+        self._notified: dict[int, int] = {}
+        self._inbox_bytes: dict[int, int] = {}
+        self.inbox_peak = 0
+        self.pushes_dropped = 0
+        self._slots: asyncio.Semaphore | None = None
+        self.in_flight = 0
+        self.in_flight_peak = 0
 
     # -- control ------------------------------------------------------------------------------
     async def ensure_running(self) -> int:
@@ -158,18 +181,39 @@ class SubscriberActor:
         return len(self.shard_ids)
 
     async def notify(self, shard: int, seq: int, events: list[Event] | bytes | None = None) -> None:
-        """A shard committed events up to ``seq`` (and pushed them along, maybe pickled): wake its pump."""
+        """A shard committed events up to ``seq`` (and pushed them along, maybe pickled): wake its pump.
+
+        The pushed events are kept for the pump while the shard's inbox has room; past
+        :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` a push is dropped (the pump reads the shard's log
+        for it instead), and nothing is kept while no trigger listens.
+        """
         await self.ensure_running()
-        if isinstance(events, bytes):
-            events = pickle.loads(events)
-        if events:
-            self.inbox.setdefault(shard, []).extend(events)
+        self._notified[shard] = max(self._notified.get(shard, 0), seq)
+        box = self.inbox.setdefault(shard, [])
+        used = self._inbox_bytes.get(shard, 0)
+        if events and self.triggers:
+            full = len(box) >= INBOX_EVENTS or used >= INBOX_BYTES
+            if not full and isinstance(events, bytes):
+                full = used + len(events) > INBOX_BYTES
+                events = None if full else pickle.loads(events)
+            if not full and events:
+                size = sum(_size(e) for e in events)  # type: ignore[union-attr]
+                full = len(box) + len(events) > INBOX_EVENTS or used + size > INBOX_BYTES
+                if not full:
+                    box.extend(events)  # type: ignore[arg-type]
+                    self._inbox_bytes[shard] = used + size
+                    self.inbox_peak = max(self.inbox_peak, len(box))
+            if full:
+                self.pushes_dropped += 1
         self.wake.setdefault(shard, asyncio.Event()).set()
 
     def _from_inbox(self, shard: int, cursor: int) -> list[Event] | None:
         """Pushed events right after ``cursor`` ([] if none arrived); None if some are missing."""
-        inbox = [e for e in self.inbox.get(shard, ()) if e.seq > cursor]
-        self.inbox[shard] = inbox
+        inbox = self.inbox.get(shard, [])
+        if inbox and inbox[0].seq <= cursor:
+            inbox = [e for e in inbox if e.seq > cursor]
+            self.inbox[shard] = inbox
+            self._inbox_bytes[shard] = sum(_size(e) for e in inbox)
         if not inbox:
             return []
         if inbox[0].seq != cursor + 1:
@@ -181,16 +225,46 @@ class SubscriberActor:
             run.append(event)
         return run
 
+    def _empty_inbox(self, shard: int) -> None:
+        self.inbox[shard] = []
+        self._inbox_bytes[shard] = 0
+
     async def reload_triggers(self) -> int:
-        """Re-read the durable trigger registry; returns how many triggers are registered."""
+        """Re-read the durable trigger registry; returns how many triggers are registered.
+
+        Records in the cluster metadata whether any trigger is registered (when that changed),
+        then tells every shard whether to keep its events durably. A trigger not seen before (while
+        this subscriber runs) starts after the events its shards had committed by now.
+        """
         if self.state is None:
             await self.ensure_running()
             return len(self.triggers)
         items = await self.state.items(TRIGGERS_GROUP)
-        self.triggers = {item.key: item.value for item in items}
+        triggers = {item.key: item.value for item in items}
+        new = [name for name in triggers if name not in self.triggers] if self._loaded else []
+        if new:
+            heads = await self._heads()
+            for name in new:
+                self._floors[name] = dict(heads)
+        for name in [n for n in self._floors if n not in triggers]:
+            del self._floors[name]
+        self.triggers = triggers
+        self._loaded = True
         self._reloaded = time.monotonic()
+        active = bool(self.triggers)
+        if active != self._active_recorded:
+            await asyncio.to_thread(metadata.set_triggers_active, self.config.name, active)
+            self._active_recorded = active
         await asyncio.gather(*(self._tell_shard(shard) for shard in self.shard_ids))
         return len(self.triggers)
+
+    async def _heads(self) -> dict[int, int]:
+        """The last seq of every reachable shard this subscriber follows."""
+        shards = [s for s in self.shard_ids if s in self._handles]
+        states = await asyncio.gather(
+            *(self._handles[s].event_state.remote() for s in shards), return_exceptions=True
+        )
+        return {s: st[0] for s, st in zip(shards, states, strict=True) if isinstance(st, tuple)}
 
     async def _tell_shard(self, shard: int, handle: Any = None) -> None:
         """Tell a shard whether any trigger listens (only when that changed, or it restarted).
@@ -198,6 +272,7 @@ class SubscriberActor:
         While none does, shards keep events in memory only and acknowledge them themselves: writes
         nobody listens to cost no storage and no push. Before a registration returns
         (``subscribers_ready``), every shard keeps events durably again, from the seq it reports.
+        A shard that restarts reads the same answer from the cluster metadata.
         """
         wanted = bool(self.triggers)
         if self._durable.get(shard) == wanted:
@@ -223,7 +298,15 @@ class SubscriberActor:
             "triggers": sorted(self.triggers),
             "delivered": self.delivered,
             "dead_letters": self.dead,
+            "dead_letters_dropped": self.letters_dropped,
             "running": sorted(s for s, t in self.pumps.items() if not t.done()),
+            "in_flight": self.in_flight,
+            "in_flight_peak": self.in_flight_peak,
+            "max_in_flight": MAX_IN_FLIGHT,
+            "inbox": sum(len(box) for box in self.inbox.values()),
+            "inbox_peak": self.inbox_peak,
+            "inbox_limit": INBOX_EVENTS,
+            "pushes_dropped": self.pushes_dropped,
         }
 
     # -- the pump -----------------------------------------------------------------------------
@@ -231,8 +314,8 @@ class SubscriberActor:
         """Handle shard ``shard``'s events in order; acknowledge them at most every ACK_EVERY seconds.
 
         In steady state the shard pushes each batch's events with its notification, so following
-        the log costs the shard no extra calls; the log itself is read on start, after a gap, and
-        once a second when idle (a safety net for lost pushes).
+        the log costs the shard no extra calls; the log itself is read on start, after a gap or a
+        dropped push, and once a second when idle (a safety net for lost pushes).
         """
         name = self.config.shard_name(shard)
         cursor: int | None = None
@@ -243,10 +326,11 @@ class SubscriberActor:
             try:
                 if handle is None:
                     handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-                    self._durable.pop(shard, None)  # a (re)started shard keeps events durably
+                    self._handles[shard] = handle
+                    self._durable.pop(shard, None)  # a (re)started shard: tell it again
                     await self._tell_shard(shard, handle)
                 if not self.triggers:  # nothing listens: the shard acknowledges its own events
-                    self.inbox[shard] = []
+                    self._empty_inbox(shard)
                     wake = self.wake[shard]
                     wake.clear()
                     try:
@@ -257,17 +341,22 @@ class SubscriberActor:
                         await self.reload_triggers()
                     continue
                 floor = self._resync.pop(shard, None)
-                if floor is not None and cursor is not None and cursor < floor:
-                    cursor = acked = floor  # events before a registration are not delivered
                 events: list[Event] | None = None
                 if cursor is None:
-                    _seq, cursor, _oldest = await handle.event_state.remote()
+                    head, cursor, _oldest = await handle.event_state.remote()
                     acked = cursor
+                    self._forget_floors_above(shard, head)
+                    if floor is not None and cursor < floor <= head:
+                        cursor = floor  # events before a registration are not delivered
                     events = await handle.events_since.remote(cursor, BATCH)
                 else:
+                    if floor is not None and cursor < floor:
+                        cursor = floor  # events before a registration are not delivered
                     events = self._from_inbox(shard, cursor)
-                    if events is None:
+                    if events is None or (not events and self._notified.get(shard, 0) > cursor):
                         events = await handle.events_since.remote(cursor, BATCH)
+                        if not events:  # nothing there after all (the shard's seq restarted)
+                            self._notified[shard] = cursor
                 if time.monotonic() - self._reloaded > TRIGGER_RELOAD:
                     await self.reload_triggers()
                 if events:
@@ -289,17 +378,32 @@ class SubscriberActor:
                 except asyncio.TimeoutError:  # nothing pushed for a second: read the log anyway
                     pulled = await handle.events_since.remote(cursor, BATCH)
                     if pulled:
-                        self.inbox.setdefault(shard, []).extend(pulled)
+                        self._notified[shard] = max(self._notified.get(shard, 0), pulled[-1].seq)
             except (RayActorError, ValueError):  # the shard is restarting (or not up yet)
                 cursor = None
                 handle = None
-                self.inbox[shard] = []
+                self._handles.pop(shard, None)
+                self._empty_inbox(shard)
                 await asyncio.sleep(0.2)
             except Exception:  # keep pumping; the batch is not acknowledged and comes again
                 traceback.print_exc()
                 cursor = None
-                self.inbox[shard] = []
+                self._empty_inbox(shard)
                 await asyncio.sleep(0.5)
+
+    def _forget_floors_above(self, shard: int, head: int) -> None:
+        """A shard whose log ends below a floor started its seq again (memory durability): drop it."""
+        for floors in self._floors.values():
+            if floors.get(shard, 0) > head:
+                del floors[shard]
+        if self._resync.get(shard, 0) > head:
+            del self._resync[shard]
+
+    def _passed(self, shard: int, seq: int) -> None:
+        """The pump handled everything up to ``seq``: floors at or below it are done with."""
+        for floors in self._floors.values():
+            if floors.get(shard, seq + 1) <= seq:
+                del floors[shard]
 
     async def _handle(self, shard: int, records: list[Event]) -> None:
         if any(r.group_id == TRIGGERS_GROUP for r in records):
@@ -307,21 +411,24 @@ class SubscriberActor:
         specs = list(self.triggers.values())
         # unpickle only what some trigger's filters select (writes nobody listens to cost nothing here)
         events = [to_state_event(self.config.name, shard, r) for r in records if _selected(specs, r)]
-        if not events:
-            return
-        jobs = []
-        dead: list[dict[str, Any]] = []
-        for name, spec in list(self.triggers.items()):
-            condition = self._condition(name, spec)
-            per_group: dict[str, list[StateEvent]] = {}
-            for event in events:
-                if matches(spec, event) and self._holds(name, condition, event, dead):
-                    per_group.setdefault(event.group_id, []).append(event)
-            for chunk in per_group.values():
-                jobs.append(self._run(name, spec, chunk))
-        for letters in await asyncio.gather(*jobs):
-            dead.extend(letters)
-        await self._record_dead(dead)
+        if events:
+            jobs = []
+            dead: list[dict[str, Any]] = []
+            for name, spec in list(self.triggers.items()):
+                floor = self._floors.get(name, {}).get(shard, 0)
+                condition = self._condition(name, spec)
+                per_group: dict[str, list[StateEvent]] = {}
+                for event in events:
+                    if event.seq <= floor or not matches(spec, event):
+                        continue
+                    if self._holds(name, condition, event, dead):
+                        per_group.setdefault(event.group_id, []).append(event)
+                for chunk in per_group.values():
+                    jobs.append(self._run(name, spec, chunk))
+            for letters in await asyncio.gather(*jobs):
+                dead.extend(letters)
+            await self._record_dead(dead)
+        self._passed(shard, records[-1].seq)
 
     def _condition(self, name: str, spec: dict[str, Any]) -> Any:
         blob = spec.get("condition")
@@ -341,44 +448,50 @@ class SubscriberActor:
                 return bool(condition(event))
             except Exception as exc:
                 if attempt == HANDLER_ATTEMPTS:
-                    error = (
-                        "condition raised " + "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    )
-                    dead.append(
-                        {
-                            "trigger": name,
-                            "event": event,
-                            "error": error,
-                            "attempts": attempt,
-                            "at": time.time(),
-                        }
-                    )
+                    dead.append(letter(name, event, "condition raised " + describe(exc), attempt))
         return False
 
     async def _run(self, name: str, spec: dict[str, Any], events: list[StateEvent]) -> list[dict[str, Any]]:
-        """One delivery task, retried if its worker dies (the events come again: at least once)."""
-        delay = 0.1
-        for attempt in range(1, 6):
+        """One (trigger, group) chunk, through at most MAX_IN_FLIGHT delivery tasks at a time."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        async with self._slots:
+            self.in_flight += 1
+            self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
             try:
-                dead: list[dict[str, Any]] = await deliver.remote(name, spec["handler"], None, events)
-                self.delivered += len(events)
-                return dead
-            except Exception as exc:
-                if attempt == 5:
-                    error = f"delivery task failed {attempt} times: {exc}"
-                    return [
-                        {"trigger": name, "event": e, "error": error, "attempts": attempt, "at": time.time()}
-                        for e in events
-                    ]
-                await asyncio.sleep(delay)
-                delay *= 2
-        return []
+                dead = await run_delivery(name, spec["handler"], events, handler_timeout(spec))
+            finally:
+                self.in_flight -= 1
+        self.delivered += len(events)
+        return dead
 
     async def _record_dead(self, dead: list[dict[str, Any]]) -> None:
-        for letter in dead:
-            event: StateEvent = letter["event"]
-            key = f"{letter['trigger']}|{event.event_id}"
-            await self.state.set(DEAD_LETTERS_GROUP, key, {**letter, "event": event.model_dump()})
+        """Store dead letters; one that does not fit is stored truncated, or logged and dropped.
+
+        A letter's key is hashed when ``<trigger>|<event_id>`` is too long for a key; a letter too
+        large for the cluster's ``max_value_size`` keeps only short descriptions of the values. Only
+        a cluster that is unavailable makes this raise (the batch then comes again).
+        """
+        for item in dead:
+            event: StateEvent = item["event"]
+            key = letter_key(item["trigger"], event.event_id)
+            reason: Exception | None = None
+            for level in range(3):
+                try:
+                    await system_set(self.state, DEAD_LETTERS_GROUP, key, letter_value(item, level))
+                    break
+                except Unavailable:
+                    raise
+                except StateError as exc:  # ValueTooLarge, InvalidInput: store less of it
+                    reason = exc
+            else:
+                self.letters_dropped += 1
+                print(
+                    f"shardstate subscriber: dropped the dead letter of trigger {item['trigger']!r} for "
+                    f"event {event.event_id}: {reason!r}",
+                    file=sys.stderr,
+                )
+                continue
             self.dead += 1
 
 

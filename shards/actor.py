@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from shardstate._errors import InvalidInput
+from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.commands import Result
@@ -74,6 +75,7 @@ class ShardActor:
         )
         self.engine.load(self.storage.load())
         self.engine.sweep()
+        self.engine.set_durable_events(_triggers_listen(cluster))
         self._commit()
         self.durability = durability
         self.batches = 0
@@ -215,6 +217,8 @@ class ShardActor:
             "keys": len(store),
             "durability": self.durability,
             "durable_events": self.engine.durable_events,
+            "events": len(self.engine.events),
+            "unacked": self.engine.seq - self.engine.acked_seq,
             "restarted": self.restarted,
             "load_seconds": self.load_seconds,
             "batches": self.batches,
@@ -224,6 +228,15 @@ class ShardActor:
     def ping(self) -> int:
         """Liveness check: returns this shard's index."""
         return self.index
+
+
+def _triggers_listen(cluster: str) -> bool:
+    """Whether to keep events durably from the start: a trigger is registered (cluster metadata,
+    kept current by the subscriber), or that is unknown (not recorded yet, metadata unreachable)."""
+    try:
+        return metadata.read(cluster, "triggers") is not False
+    except Exception:
+        return True
 
 
 def _was_restarted() -> bool:
