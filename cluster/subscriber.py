@@ -150,7 +150,7 @@ class SubscriberActor:
         self._active_recorded: bool | None = None
         #: what each shard was last told: keep events durably (a trigger listens) or not
         self._durable: dict[int, bool] = {}
-        #: per shard, the seq at which events became durable again: the pump starts after it
+        #: per shard, its acknowledgement when events became durable again: the pump starts after it
         self._resync: dict[int, int] = {}
         #: per trigger registered while the subscriber ran, per shard: its events up to here are
         #: not for it (it starts from "now"); dropped once the pump has passed them
@@ -271,7 +271,8 @@ class SubscriberActor:
 
         While none does, shards keep events in memory only and acknowledge them themselves: writes
         nobody listens to cost no storage and no push. Before a registration returns
-        (``subscribers_ready``), every shard keeps events durably again, from the seq it reports.
+        (``subscribers_ready``), every shard keeps events durably again; the pump skips what the
+        shard acknowledged itself meanwhile (its acknowledgement after the switch: ``_resync``).
         A shard that restarts reads the same answer from the cluster metadata.
         """
         wanted = bool(self.triggers)
@@ -281,13 +282,15 @@ class SubscriberActor:
             if handle is None:
                 name = self.config.shard_name(shard)
                 handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-            seq = await handle.set_events_durable.remote(wanted)
+            await handle.set_events_durable.remote(wanted)
+            if wanted:  # events up to its acknowledgement were for nobody (it acknowledged them)
+                _head, floor, _oldest = await handle.event_state.remote()
         except (RayActorError, ValueError):  # restarting: its pump tells it when it is back
             self._durable.pop(shard, None)
             return
         self._durable[shard] = wanted
         if wanted:
-            self._resync[shard] = seq
+            self._resync[shard] = floor
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and operators."""
@@ -342,16 +345,14 @@ class SubscriberActor:
                     continue
                 floor = self._resync.pop(shard, None)
                 events: list[Event] | None = None
-                if cursor is None:
+                if cursor is None:  # (re)start from the shard's acknowledgement (it includes the floor)
                     head, cursor, _oldest = await handle.event_state.remote()
                     acked = cursor
                     self._forget_floors_above(shard, head)
-                    if floor is not None and cursor < floor <= head:
-                        cursor = floor  # events before a registration are not delivered
                     events = await handle.events_since.remote(cursor, BATCH)
                 else:
                     if floor is not None and cursor < floor:
-                        cursor = floor  # events before a registration are not delivered
+                        cursor = acked = floor  # the shard acknowledged these itself: for nobody
                     events = self._from_inbox(shard, cursor)
                     if events is None or (not events and self._notified.get(shard, 0) > cursor):
                         events = await handle.events_since.remote(cursor, BATCH)
@@ -396,8 +397,6 @@ class SubscriberActor:
         for floors in self._floors.values():
             if floors.get(shard, 0) > head:
                 del floors[shard]
-        if self._resync.get(shard, 0) > head:
-            del self._resync[shard]
 
     def _passed(self, shard: int, seq: int) -> None:
         """The pump handled everything up to ``seq``: floors at or below it are done with."""

@@ -130,40 +130,87 @@ def test_handlers_see_each_groups_events_in_commit_order(
 
 
 @ray.remote
-def stream(state: shardstate.StateClient, group: str, task: int, n: int) -> None:
-    for i in range(n):
-        state.update(group, f"k{task}", [ops.increment("n")], op_id=f"{group}/{task}/{i}")
+def counting_stream(state: shardstate.StateClient, group: str, task: int, n: int) -> None:
+    """``n`` increments of one key, with automatic op_ids (the client's own retries apply once)."""
+    for _ in range(n):
+        state.update(group, f"k{task}", [ops.increment("n")])
 
 
-def test_kill_subscriber_and_shard_during_a_stream(
-    state: shardstate.StateClient, group: str, recorder: str
-) -> None:
-    state.on_change(recording_handler(recorder), group_id=group, name=f"faults-{group}")
-    refs = [stream.remote(state, group, t, 500) for t in range(10)]  # 5,000 events
-    rec = ray.get_actor(recorder, namespace="shardstate-tests")
-    wait_for(lambda: len(ray.get(rec.get.remote())) > 500)
-    sub = ray.get(state.router.subscriber_stats.remote())[0]
-    os.kill(sub["pid"], signal.SIGKILL)  # really kill the subscriber ...
-    time.sleep(0.5)
-    index = state._link.current().owners[slot_of(group)]
-    os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)  # ... and the group's shard
+def delivery_log(client: shardstate.StateClient, log: str) -> Callable[[shardstate.StateEvent], None]:
+    """A handler that records EVERY delivery under its own key (no dedup: a redelivery adds a record).
+
+    The record of the event keyed ``marker`` is followed by a 3 s pause, so a test can kill the
+    subscriber while that delivery is running and not yet acknowledged.
+    """
+
+    def handler(event: shardstate.StateEvent) -> None:
+        client.set(log, f"{event.event_id}|{uuid.uuid4().hex}", [event.key, event.new_value["n"]])
+        if event.key == "marker":
+            time.sleep(3.0)
+
+    return handler
+
+
+def deliveries(state: shardstate.StateClient, log: str) -> list[tuple[str, tuple[str, int]]]:
+    """Every recorded delivery: ``(event_id, (key, n))``, one entry per handler call."""
+    return [(item.key.split("|")[0], (item.value[0], item.value[1])) for item in state.items(log)]
+
+
+def stream_with_trigger(
+    state: shardstate.StateClient, group: str, kill: bool
+) -> tuple[dict[str, int], str]:
+    """Stream 1,200 counted updates plus a marker to ``group`` with a delivery-logging trigger.
+
+    With ``kill``: SIGKILL the subscriber while it delivers the marker (so the marker is delivered
+    again) and then the group's shard, mid-stream. Checks that the deduplicated delivered set is the
+    committed set; returns the number of deliveries per event_id, and the marker's event_id.
+    """
+    log = group + ":log"
+    tasks, n = 6, 200
+    name = state.on_change(delivery_log(state, log), group_id=group, name=f"log-{group}")
+    refs = [counting_stream.remote(state, group, t, n) for t in range(tasks)]
+    wait_for(lambda: len(state.items(log)) > 100)
+    state.set(group, "marker", {"n": 0})
+    if kill:
+        wait_for(lambda: any(value[0] == "marker" for _id, value in deliveries(state, log)))
+        sub = ray.get(state.router.subscriber_stats.remote())[0]
+        os.kill(sub["pid"], signal.SIGKILL)  # during the marker's delivery: it was not acknowledged
+        time.sleep(0.5)
+        index = state._link.current().owners[slot_of(group)]
+        os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)  # ... and the group's shard
     ray.get(refs)
-    expected = {(f"k{t}", n) for t in range(10) for n in range(1, 501)}
-    assert {(k, v["n"]) for k, v in ((it.key, it.value) for it in state.items(group))} == {
-        (f"k{t}", 500) for t in range(10)
+    assert {it.key: it.value["n"] for it in state.items(group)} == {
+        **{f"k{t}": n for t in range(tasks)},
+        "marker": 0,
     }
-
-    def delivered() -> set[tuple[str, int]]:
-        return {(s[2], s[5]["n"]) for s in ray.get(rec.get.remote()) if s[1] == group}
-
-    wait_for(lambda: delivered() >= expected, timeout=240)
-    seen = ray.get(rec.get.remote())
+    committed = {(f"k{t}", i) for t in range(tasks) for i in range(1, n + 1)} | {("marker", 0)}
+    wait_for(lambda: {value for _id, value in deliveries(state, log)} >= committed, timeout=240)
+    time.sleep(1.0)  # room for late (duplicate) deliveries to land
+    seen = deliveries(state, log)
     by_id: dict[str, tuple[str, int]] = {}
-    for s in seen:
-        assert by_id.setdefault(s[0], (s[2], s[5]["n"])) == (s[2], s[5]["n"])  # event_id is stable
-    assert set(by_id.values()) == expected  # dedup'd delivered set == committed set, exactly
-    print(f"delivered {len(seen)} calls for {len(expected)} events ({len(seen) - len(by_id)} redelivered)")
-    state.remove_trigger(f"faults-{group}")
+    for event_id, value in seen:
+        assert by_id.setdefault(event_id, value) == value  # event_id is stable across redeliveries
+    assert set(by_id.values()) == committed  # dedup'd delivered set == committed set, nothing missing
+    assert len(by_id) == len(committed)
+    counts = {event_id: 0 for event_id in by_id}
+    for event_id, _value in seen:
+        counts[event_id] += 1
+    print(f"kill={kill}: {len(seen)} deliveries of {len(committed)} events ({len(seen) - len(by_id)} again)")
+    state.remove_trigger(name)
+    (marker,) = [event_id for event_id, value in by_id.items() if value == ("marker", 0)]
+    return counts, marker
+
+
+def test_kill_subscriber_and_shard_during_a_stream(state: shardstate.StateClient, group: str) -> None:
+    counts, marker = stream_with_trigger(state, group, kill=True)
+    # the marker's delivery was running when the subscriber was killed, so it was delivered again,
+    # and the handler's log shows it: this test can see duplicate deliveries
+    assert counts[marker] >= 2
+
+
+def test_no_duplicate_deliveries_without_a_crash(state: shardstate.StateClient, group: str) -> None:
+    counts, _marker = stream_with_trigger(state, group, kill=False)
+    assert set(counts.values()) == {1}  # each event delivered exactly once when nothing fails
 
 
 def test_filters_conditions_and_dead_letters(
@@ -337,3 +384,122 @@ def test_events_are_kept_durably_only_while_a_trigger_listens(
     state.update("loud", "n", [ops.increment("v")])
     seen = next(events)
     assert (seen.event_type, seen.key, seen.new_value) == ("state:updated", "n", {"v": 21})
+
+
+def groups_on(state: shardstate.StateClient, shard: int, count: int, prefix: str) -> list[str]:
+    """``count`` group names that live on shard ``shard``."""
+    owners = state._link.current().owners
+    names = (f"{prefix}-{i}" for i in range(100_000))
+    return [g for g in names if owners[slot_of(g)] == shard][:count]
+
+
+def shard_info_when_up(state: shardstate.StateClient) -> list[dict[str, Any]]:
+    for _ in range(600):
+        try:
+            return state.shard_info()
+        except shardstate.StateError:
+            time.sleep(0.1)
+    raise AssertionError("the shards did not come back")
+
+
+def test_a_shard_restarted_with_no_trigger_keeps_no_events_and_a_new_trigger_starts_from_now(
+    new_cluster: dict[str, str], recorder: str
+) -> None:
+    state = shardstate.connect(**new_cluster, shards=2)
+    wait_for(lambda: [i["durable_events"] for i in state.shard_info()] == [False, False], timeout=60)
+    pid = state.shard_info()[0]["pid"]
+    os.kill(pid, signal.SIGKILL)  # no trigger is registered: the restarted shard must know that
+    wait_for(lambda: shard_info_when_up(state)[0]["pid"] != pid, timeout=60)
+    (group,) = groups_on(state, 0, 1, "quiet")
+    for i in range(2_000):
+        state.set(group, f"k{i % 50}", i)
+    info = state.shard_info()[0]
+    assert info["restarted"] is True
+    assert info["durable_events"] is False
+    assert info["unacked"] == 0  # nothing piles up for a subscriber nobody runs
+    state.on_change(recording_handler(recorder), group_id=group, name="late")
+    state.set(group, "after", "new")
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=60)
+    time.sleep(1.0)  # room for (wrong) old events to arrive
+    assert [(r[2], r[5]) for r in ray.get(rec.get.remote())] == [("after", "new")]
+
+
+def test_a_trigger_registered_while_another_listens_starts_from_now(
+    state: shardstate.StateClient, group: str, recorder: str
+) -> None:
+    def slow(event: shardstate.StateEvent) -> None:
+        if event.new_value == 0:
+            time.sleep(3.0)  # holds the shard's delivery: the next events wait in a backlog
+
+    first = state.on_change(slow, group_id=group, name=f"slow-{group}")
+    for i in range(100):
+        state.set(group, "k", i)
+    second = state.on_change(recording_handler(recorder), group_id=group, name=f"late-{group}")
+    state.set(group, "k", "new")
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=120)
+    shard = state._link.current().shard_for(group)
+    wait_for(lambda: len(set(ray.get(shard.event_state.remote())[:2])) == 1)  # all acknowledged
+    assert [r[5] for r in ray.get(rec.get.remote())] == ["new"]  # none of the 100 older events
+    state.remove_trigger(first)
+    state.remove_trigger(second)
+
+
+def test_a_hung_handler_times_out_into_a_dead_letter_and_the_group_moves_on(
+    state: shardstate.StateClient, group: str, recorder: str
+) -> None:
+    record = recording_handler(recorder)
+
+    def handler(event: shardstate.StateEvent) -> None:
+        if event.key == "hang":
+            time.sleep(3600)  # hangs (a deadlock, a stuck call): only the timeout ends it
+        record(event)
+
+    for bad in (0, -1.0, float("nan"), "1", True):
+        with pytest.raises(shardstate.InvalidInput):
+            state.on_change(handler, group_id=group, timeout=bad)  # type: ignore[arg-type]
+    name = state.on_change(handler, group_id=group, name=f"hang-{group}", timeout=1.0)
+    assert name in [t.name for t in state.list_triggers()]
+    state.set(group, "hang", 1)
+    state.set(group, "next", 2)
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=120)
+    assert [(r[2], r[5]) for r in ray.get(rec.get.remote())] == [("next", 2)]
+    (letter,) = [d for d in state.list_dead_letters() if d.event.group_id == group]
+    assert (letter.trigger, letter.event.key, letter.attempts) == (name, "hang", 4)
+    assert "timed out after 1.0 s" in letter.error
+    state.remove_trigger(name)
+
+
+def test_a_flood_stays_within_the_inbox_and_in_flight_bounds(new_cluster: dict[str, str]) -> None:
+    from shardstate.cluster.subscriber import INBOX_EVENTS, MAX_IN_FLIGHT
+
+    state = shardstate.connect(**new_cluster, shards=2)
+    gate, *groups = groups_on(state, 0, 41, "flood")
+
+    def handler(event: shardstate.StateEvent) -> None:
+        if event.key == "block":  # hold the shard's delivery until the test opens the gate
+            state.set(gate, "blocked", True)
+            while not state.get(gate, "open"):
+                time.sleep(0.05)
+
+    state.on_change(handler, name="flood", timeout=600)
+    state.set(gate, "block", 1)
+    wait_for(lambda: state.get(gate, "blocked") is True, timeout=120)
+    total = 0
+    for round_ in range(6):  # 12,000 events on the blocked shard, in 40 groups
+        with state.pipeline() as pipe:
+            for i in range(2_000):
+                pipe.set(groups[i % 40], f"k{i}", round_)
+        total += 2_000
+
+    def stats() -> dict[str, Any]:
+        return ray.get(state.router.subscriber_stats.remote())[0]  # type: ignore[no-any-return]
+
+    wait_for(lambda: stats()["pushes_dropped"] > 0, timeout=60)
+    assert stats()["inbox_peak"] <= INBOX_EVENTS  # pushes past the bound were dropped, not kept
+    state.set(gate, "open", True)
+    wait_for(lambda: stats()["delivered"] >= total + 3, timeout=240)  # read from the log instead
+    wait_for(lambda: shard_info_when_up(state)[0]["unacked"] == 0, timeout=60)
+    assert 1 < stats()["in_flight_peak"] <= MAX_IN_FLIGHT  # 40 groups per batch, 32 tasks at a time
