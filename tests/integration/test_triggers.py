@@ -503,3 +503,41 @@ def test_a_flood_stays_within_the_inbox_and_in_flight_bounds(new_cluster: dict[s
     wait_for(lambda: stats()["delivered"] >= total + 3, timeout=240)  # read from the log instead
     wait_for(lambda: shard_info_when_up(state)[0]["unacked"] == 0, timeout=60)
     assert 1 < stats()["in_flight_peak"] <= MAX_IN_FLIGHT  # 40 groups per batch, 32 tasks at a time
+
+
+def test_dead_letters_that_do_not_fit_are_stored_truncated(
+    new_cluster: dict[str, str], recorder: str
+) -> None:
+    state = shardstate.connect(**new_cluster, shards=2, max_value_size=64 * 1024)
+    record = recording_handler(recorder)
+
+    def handler(event: shardstate.StateEvent) -> None:
+        if event.key == "big":
+            raise RuntimeError("no: " + "x" * 10_000)  # a long error text as well
+        record(event)
+
+    name = "n" * 500  # "<name>|<event_id>" is too long for a key
+    state.on_change(handler, group_id="docs", name=name)
+    state.set("docs", "big", "a" * 40_000)  # the letter fits max_value_size, its key does not
+    state.set("docs", "big", "b" * 40_000)  # old + new values do not fit max_value_size
+    state.set("docs", "after", 1)
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=120)  # delivery went on
+    assert [(r[2], r[5]) for r in ray.get(rec.get.remote())] == [("after", 1)]
+    wait_for(lambda: len(state.list_dead_letters()) >= 2, timeout=60)
+    letters = sorted(state.list_dead_letters(), key=lambda d: d.event.seq)
+    assert [(d.trigger, d.event.key, d.attempts) for d in letters] == [(name, "big", 4), (name, "big", 4)]
+    first, second = letters
+    assert first.event.new_value == "a" * 40_000  # stored whole under a hashed key
+    assert "no: xxxx" in first.error
+    assert len(first.error) > 10_000
+    assert second.event.old_value.startswith("<str, 400")  # a short description with the size
+    assert "bytes pickled: 'aaaa" in second.event.old_value
+    assert second.event.new_value.startswith("<str, 400")
+    assert len(second.event.new_value) < 300
+    assert "no: xxxx" in second.error
+    assert "dead letter truncated" in second.error
+    assert len(second.error) < 3_000
+    time.sleep(2.0)  # nothing is delivered again
+    assert len(ray.get(rec.get.remote())) == 1
+    assert len(state.list_dead_letters()) == 2
