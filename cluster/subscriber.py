@@ -31,6 +31,7 @@ import math
 import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -164,15 +165,41 @@ class SubscriberActor:
         self._slots: asyncio.Semaphore | None = None
         self.in_flight = 0
         self.in_flight_peak = 0
+        self._starting: asyncio.Lock | None = None
+        threading.Thread(target=self._start_soon, daemon=True).start()
+
+    def _start_soon(self) -> None:
+        """Start the pumps once this actor runs: after a restart no shard may push again soon
+        (its pushes failed while the subscriber was down), and unacknowledged events must not wait."""
+        try:
+            me = ray.get_runtime_context().current_actor
+        except Exception:  # not inside an actor
+            return
+        delay = 0.5
+        while True:
+            try:
+                ray.get(me.ensure_running.remote(), timeout=300)
+                return
+            except Exception:  # the cluster is not up yet, or going away
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # -- control ------------------------------------------------------------------------------
     async def ensure_running(self) -> int:
         """Start the pumps (idempotent); returns how many shards this subscriber follows."""
-        if self.state is None:
-            from shardstate._connect import _reattach
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self.state is None:
+                from shardstate._connect import _reattach
 
-            self.state = await asyncio.to_thread(_reattach, self.config.name, "async", 120.0)
-            await self.reload_triggers()
+                state = await asyncio.to_thread(_reattach, self.config.name, "async", 120.0)
+                self.state = state
+                try:
+                    await self.reload_triggers()
+                except BaseException:
+                    self.state = None  # the next call tries again
+                    raise
         for shard in self.shard_ids:
             task = self.pumps.get(shard)
             if task is None or task.done():

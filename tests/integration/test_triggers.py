@@ -466,7 +466,12 @@ def test_a_hung_handler_times_out_into_a_dead_letter_and_the_group_moves_on(
     rec = ray.get_actor(recorder, namespace="shardstate-tests")
     wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=120)
     assert [(r[2], r[5]) for r in ray.get(rec.get.remote())] == [("next", 2)]
-    (letter,) = [d for d in state.list_dead_letters() if d.event.group_id == group]
+
+    def letters() -> list[shardstate.DeadLetter]:
+        return [d for d in state.list_dead_letters() if d.event.group_id == group]
+
+    wait_for(lambda: len(letters()) >= 1, timeout=60)  # stored once its batch is done
+    (letter,) = letters()
     assert (letter.trigger, letter.event.key, letter.attempts) == (name, "hang", 4)
     assert "timed out after 1.0 s" in letter.error
     state.remove_trigger(name)
