@@ -139,14 +139,14 @@ def counting_stream(state: shardstate.StateClient, group: str, task: int, n: int
 def delivery_log(client: shardstate.StateClient, log: str) -> Callable[[shardstate.StateEvent], None]:
     """A handler that records EVERY delivery under its own key (no dedup: a redelivery adds a record).
 
-    The record of the event keyed ``marker`` is followed by a 3 s pause, so a test can kill the
+    The record of the event keyed ``marker`` is followed by a 6 s pause, so a test can kill the
     subscriber while that delivery is running and not yet acknowledged.
     """
 
     def handler(event: shardstate.StateEvent) -> None:
         client.set(log, f"{event.event_id}|{uuid.uuid4().hex}", [event.key, event.new_value["n"]])
         if event.key == "marker":
-            time.sleep(3.0)
+            time.sleep(6.0)
 
     return handler
 
