@@ -70,7 +70,7 @@ class ShardActor:
             owns=self._owns,
             max_value_size=max_value_size,
             op_retention=op_retention,
-            fetch_op=self.storage.fetch_op,
+            fetch_op=None if durability == "memory" else self.storage.fetch_op,
         )
         self.engine.load(self.storage.load())
         self.engine.sweep()

@@ -12,6 +12,7 @@ from shardstate._errors import (
     ERROR_CLASSES,
     ConflictError,
     InvalidInput,
+    ShardLoading,
     StaleShardMap,
     StateError,
     Unavailable,
@@ -44,6 +45,7 @@ def test_error_classes_are_the_family() -> None:
         ConflictError,
         Unavailable,
         StaleShardMap,
+        ShardLoading,
     }
 
 
@@ -88,6 +90,8 @@ def test_hierarchy() -> None:
     assert issubclass(InvalidInput, ValueError)
     assert issubclass(ValueTooLarge, ValueError)
     assert issubclass(StaleShardMap, Unavailable)
+    assert issubclass(ShardLoading, Unavailable)
+    assert ShardLoading("loading, 5%").retriable is True
     assert not issubclass(UpdateError, InvalidInput)
     assert not issubclass(ConflictError, InvalidInput)
     assert not issubclass(Unavailable, InvalidInput)
