@@ -11,6 +11,7 @@ import shardstate
 from shardstate._errors import (
     ERROR_CLASSES,
     ConflictError,
+    DecodeError,
     InvalidInput,
     ShardLoading,
     StaleShardMap,
@@ -43,6 +44,7 @@ def test_error_classes_are_the_family() -> None:
         ValueTooLarge,
         UpdateError,
         ConflictError,
+        DecodeError,
         Unavailable,
         StaleShardMap,
         ShardLoading,
