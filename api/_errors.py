@@ -13,8 +13,10 @@ Every error a caller can see derives from :class:`StateError`::
         │                         come back in time (``retriable`` is True)
         ├── StaleShardMap         internal: a shard no longer owns the group's slot; the client
         │                         refreshes its map and retries, callers normally never see it
-        └── ShardLoading          internal: the shard is still loading its storage ("loading, N%");
-                                  the client waits and retries within its own retry timeout
+        └── Deferred              internal: the shard did not run the command (its batch's answer
+            │                     was already large); the client sends it again, in order
+            └── ShardLoading      internal: the shard is still loading its storage ("loading, N%");
+                                  the client waits and sends it again within its retry timeout
 
 A bad call never changes state and never kills an actor: the shard turns it into this call's error.
 Errors cross actor boundaries pickled, so each class keeps its constructor arguments in ``args``
@@ -115,11 +117,18 @@ class StaleShardMap(Unavailable):
     """A shard answered that it does not own the group's slot (the caller's shard map is old)."""
 
 
-class ShardLoading(Unavailable):
+class Deferred(Unavailable):
+    """The shard did not run this command: its batch's answer had reached the size budget.
+
+    Nothing was executed; clients send the deferred commands again, in their order.
+    """
+
+
+class ShardLoading(Deferred):
     """A shard is still loading its storage (the message says how far); nothing was executed.
 
-    Clients wait and send the same batch again (within their ``retry_timeout``), so a slow load
-    delays callers instead of failing them.
+    Clients wait and send the same commands again, in order (within their ``retry_timeout``), so
+    a slow load delays callers instead of failing them.
     """
 
 
@@ -134,4 +143,5 @@ ERROR_CLASSES: tuple[type[StateError], ...] = (
     Unavailable,
     StaleShardMap,
     ShardLoading,
+    Deferred,
 )

@@ -94,6 +94,30 @@ def _decode_values(payload: list[bytes]) -> list[Any]:
     return [decode_value(v) for v in payload]
 
 
+class Page(NamedTuple):
+    """One page of a ``list``/``items`` answer that goes on: the clients fetch the rest."""
+
+    rows: list[Any]
+    group_id: str
+    kind: str
+    next: int
+
+
+def next_page(page: Page) -> Request:
+    """The request for the page after ``page``."""
+    build = items_request if page.kind == C.ITEMS else list_request
+    return build(page.group_id, page.next)
+
+
+def _pager(group_id: str, kind: str, rows: Callable[[Any], list[Any]]) -> Callable[[Any], Any]:
+    def decode(payload: Any) -> Any:
+        if isinstance(payload, tuple):  # (rows, where the next page starts): a large group
+            return Page(rows(payload[0]), group_id, kind, payload[1])
+        return rows(payload)
+
+    return decode
+
+
 def _identity(payload: Any) -> Any:
     return payload
 
@@ -209,16 +233,20 @@ def delete_request(
     return Request(group_id, C.command(C.DELETE, group_id, key, None, opts), decode_value)
 
 
-def list_request(group_id: str) -> Request:
-    """``list``: the group's values in insertion order."""
+def list_request(group_id: str, start: int | None = None) -> Request:
+    """``list``: the group's values in insertion order (from position ``start``: a later page)."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.LIST, group_id), _decode_values)
+    return Request(
+        group_id, C.command(C.LIST, group_id, None, start), _pager(group_id, C.LIST, _decode_values)
+    )
 
 
-def items_request(group_id: str) -> Request:
-    """``items``: the group's ``StateItem``s in insertion order."""
+def items_request(group_id: str, start: int | None = None) -> Request:
+    """``items``: the group's ``StateItem``s in insertion order (from ``start``: a later page)."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.ITEMS, group_id), _decode_items)
+    return Request(
+        group_id, C.command(C.ITEMS, group_id, None, start), _pager(group_id, C.ITEMS, _decode_items)
+    )
 
 
 def clear_request(group_id: str) -> Request:

@@ -115,17 +115,23 @@ class ShardActor:
             except Exception:
                 return  # the actor is going away
 
-    def execute(self, batch: Sequence[Any]) -> list[Result]:
-        """Execute a batch of commands in order, commit their changes, then answer (one result each)."""
+    def execute(self, batch: Sequence[Any], lane: str | None = None, resume: bool = False) -> list[Result]:
+        """Execute a batch of commands in order, commit their changes, then answer (one result each).
+
+        ``lane``/``resume``: a client stream with several batches in flight (see
+        ``ShardEngine.execute_batch``: a deferral fences the lane until the rest comes back).
+        """
         if not isinstance(batch, (list, tuple)):
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
+        if lane is not None and not isinstance(lane, str):
+            return [(False, InvalidInput(f"a lane is a str, got {type(lane).__name__}"))]
         self.batches += 1
         self.commands += len(batch)
-        results = self.engine.execute_batch(batch)
+        results = self.engine.execute_batch(batch, lane=lane, resume=bool(resume))
         self._commit()
         return results
 
-    def run(self, packed: bytes) -> bytes:
+    def run(self, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
         """:meth:`execute` with the batch and its results pickled by the caller and by the shard.
 
         The clients' data path: one ``pickle`` of a plain list each way costs about half of what
@@ -137,7 +143,7 @@ class ShardActor:
         except Exception as exc:
             error = InvalidInput(f"a packed batch could not be unpickled: {type(exc).__name__}: {exc}")
             return pickle.dumps([(False, error)], protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.dumps(self.execute(batch), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(self.execute(batch, lane, resume), protocol=pickle.HIGHEST_PROTOCOL)
 
     def _notify(self, events: list[Event]) -> None:
         """Queue newly committed events for the notifier thread (off the batch's critical path)."""

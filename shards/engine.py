@@ -26,13 +26,13 @@ import math
 import pickle
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
-from shardstate._errors import ConflictError, InvalidInput, StaleShardMap, StateError, UpdateError
+from shardstate._errors import ConflictError, Deferred, InvalidInput, StaleShardMap, StateError, UpdateError
 from shardstate.shards import commands as C
 from shardstate.shards.records import Changes, Entry, Event, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
@@ -60,6 +60,15 @@ RESULT_RAM_BUDGET = 64 * 1024 * 1024
 #: stored size of what it decoded since it last dropped them all
 DECODED_KEYS = 1024
 DECODED_BYTES = 64 * 1024 * 1024
+#: a batch's answers stop at about this many bytes of values: the rest of the batch is deferred
+#: (not executed; the client sends it again), so no batch builds an answer the shard cannot hold
+RESPONSE_BUDGET = 64 * 1024 * 1024
+#: ``list``/``items`` of a larger group answer in pages of about this many bytes
+PAGE_BYTES = 16 * 1024 * 1024
+#: bytes counted per row of a page besides its value (key, tuple, pickling)
+ROW_OVERHEAD = 64
+#: lanes (a client's ordered stream of batches) remembered as fenced after a deferral
+FENCED_LANES = 4096
 #: acknowledged events kept in memory for live watchers
 RECENT_EVENTS = 10_000
 #: ... and at most this many bytes of their values
@@ -119,6 +128,8 @@ class ShardEngine:
         self.durable_events = True
         self._changes = Changes()
         self._now = 0.0
+        #: lanes whose batches are all deferred until one comes with ``resume`` (see execute_batch)
+        self._fenced: OrderedDict[str, None] = OrderedDict()
         #: values recently decoded or produced by updates, by key, with the stored bytes they belong
         #: to: a hot key (a growing fan-in document) is not unpickled again for every update
         self._decoded: dict[tuple[str, str], tuple[bytes, Any]] = {}
@@ -160,17 +171,50 @@ class ShardEngine:
             table[scoped] = (created_at, None, _STORED)
 
     # -- entry points -------------------------------------------------------------------------
-    def execute_batch(self, batch: Sequence[Any], now: float | None = None) -> list[C.Result]:
-        """Execute every command of ``batch`` in order; one result per command.
+    def execute_batch(
+        self, batch: Sequence[Any], now: float | None = None, *, lane: str | None = None, resume: bool = False
+    ) -> list[C.Result]:
+        """Execute the commands of ``batch`` in order; one result per command.
 
-        Expired entries are removed first, so no command of the batch sees them.
+        Expired entries are removed first, so no command of the batch sees them. Once the answers
+        hold more than :data:`RESPONSE_BUDGET` bytes of values, the rest of the batch is not
+        executed: each of those commands is answered :class:`Deferred` (the first command always
+        runs, so a client that sends the rest again makes progress).
+
+        ``lane`` names a client's ordered stream of batches that may have several in flight. After a
+        deferral the lane is *fenced*: its later batches, already on their way, are deferred whole,
+        until the client sends the deferred commands again with ``resume=True``. So a caller's
+        commands never run out of order.
         """
+        if lane is not None:
+            if resume:
+                self._fenced.pop(lane, None)
+            elif lane in self._fenced:
+                return [_DEFERRED] * len(batch)
         self._now = self.clock() if now is None else now
         if len(self._decoded) > DECODED_KEYS or self._decoded_bytes > DECODED_BYTES:
             self._decoded.clear()
             self._decoded_bytes = 0
         self._expire(self._now)
-        return [self._execute(cmd) for cmd in batch]
+        results = []
+        budget = RESPONSE_BUDGET
+        for cmd in batch:
+            result = self._execute(cmd)
+            results.append(result)
+            budget -= _answer_size(result[1]) if result[0] else 0
+            if budget < 0 and len(results) < len(batch):
+                results.extend([_DEFERRED] * (len(batch) - len(results)))
+                if lane is not None:
+                    self.fence(lane)
+                break
+        return results
+
+    def fence(self, lane: str) -> None:
+        """Defer every batch of ``lane`` until one arrives with ``resume`` (bounded memory)."""
+        self._fenced[lane] = None
+        self._fenced.move_to_end(lane)
+        while len(self._fenced) > FENCED_LANES:
+            self._fenced.popitem(last=False)
 
     def execute(self, cmd: Any, now: float | None = None) -> C.Result:
         """Execute one command (a batch of one)."""
@@ -449,11 +493,30 @@ class ShardEngine:
         self._emit(DELETED, group_id, key, current.data, None)
         return current.data
 
-    def _list(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[bytes]:
-        return [e.data for _, e in self._visible(group_id)]
+    def _list(self, group_id: str, _key: Any, start: Any, _opts: dict[str, Any]) -> Any:
+        rows, more = self._page(group_id, start)
+        values = [e.data for _, e in rows]
+        return values if more is None else (values, more)
 
-    def _items(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[tuple[str, bytes]]:
-        return [(k, e.data) for k, e in self._visible(group_id)]
+    def _items(self, group_id: str, _key: Any, start: Any, _opts: dict[str, Any]) -> Any:
+        rows, more = self._page(group_id, start)
+        items = [(k, e.data) for k, e in rows]
+        return items if more is None else (items, more)
+
+    def _page(self, group_id: str, start: Any) -> tuple[list[tuple[str, Entry]], int | None]:
+        """The group's entries from position ``start`` on, at most about :data:`PAGE_BYTES` of them
+        (at least one); and where the next page starts (None: this is the last)."""
+        if start is None:
+            start = 0
+        elif not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise InvalidInput(f"a page starts at an int >= 0, got {start!r}")
+        rows = self._visible(group_id)[start:]
+        size = 0
+        for count, (key, entry) in enumerate(rows, 1):
+            size += len(entry.data) + len(key) + ROW_OVERHEAD
+            if size > PAGE_BYTES and count < len(rows):
+                return rows[:count], start + count
+        return rows, None
 
     def _visible(self, group_id: str) -> list[tuple[str, Entry]]:
         now = self._now
@@ -544,6 +607,20 @@ _STORED: Any = object()  # an op result that is in storage, not in memory
 
 def _event_size(event: Event) -> int:
     return len(event.old or b"") + len(event.new or b"") + 100
+
+
+def _answer_size(payload: Any) -> int:
+    """Bytes of values in an ok payload (what a batch's answer costs to hold and send)."""
+    if isinstance(payload, bytes):
+        return len(payload)
+    if isinstance(payload, tuple):
+        return sum(_answer_size(p) for p in payload)
+    if isinstance(payload, list):
+        return sum(len(p) if isinstance(p, bytes) else _answer_size(p) for p in payload)
+    return 0
+
+
+_DEFERRED: C.Result = (False, Deferred("not run: the batch's answer is already large; send it again"))
 
 
 def _payload_size(payload: Any) -> int:

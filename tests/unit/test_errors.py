@@ -12,6 +12,7 @@ from shardstate._errors import (
     ERROR_CLASSES,
     ConflictError,
     DecodeError,
+    Deferred,
     InvalidInput,
     ShardLoading,
     StaleShardMap,
@@ -48,6 +49,7 @@ def test_error_classes_are_the_family() -> None:
         Unavailable,
         StaleShardMap,
         ShardLoading,
+        Deferred,
     }
 
 
