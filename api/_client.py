@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate import _triggers
-from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, pack, unpack
+from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, fits, pack, unpack
 from shardstate._errors import Deferred, ShardLoading, StaleShardMap, StateError, Unavailable
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
@@ -37,6 +37,7 @@ from shardstate._requests import (
     list_request,
     merge_groups,
     next_page,
+    request_bytes,
     set_request,
     update_request,
 )
@@ -277,7 +278,17 @@ class StateClient(_ClientBase):
             link.refresh()
 
     def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
+
+        Requests larger together than a batch's byte budget leave in several rounds, in order.
+        """
+        out: builtins.list[tuple[bool, Any]] = []
+        while len(out) < len(reqs):
+            count = fits([request_bytes(r) for r in reqs[len(out) :]])
+            out.extend(self._run_round(reqs[len(out) : len(out) + count]))
+        return out
+
+    def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
         link = self._link
         link.check_open()
         view = link.current()
@@ -336,8 +347,10 @@ class StateClient(_ClientBase):
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
-        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
-        with the same op_id returns the first call's result and writes nothing again.
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
+        on this key: a repeat of the same call returns the first call's result and writes nothing
+        again; the same op_id on another key is another write; on this key with a different call it
+        raises :class:`InvalidInput` and changes nothing.
         """
         req = set_request(
             group_id,
@@ -580,8 +593,10 @@ class AsyncStateClient(_ClientBase):
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
-        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
-        with the same op_id returns the first call's result and writes nothing again.
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
+        on this key: a repeat of the same call returns the first call's result and writes nothing
+        again; the same op_id on another key is another write; on this key with a different call it
+        raises :class:`InvalidInput` and changes nothing.
         """
         req = set_request(
             group_id,
@@ -677,7 +692,17 @@ class AsyncStateClient(_ClientBase):
         return first_error(await self._run_many([get_request(group_id, k) for k in keys]))
 
     async def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
+
+        Requests larger together than a batch's byte budget leave in several rounds, in order.
+        """
+        out: builtins.list[tuple[bool, Any]] = []
+        while len(out) < len(reqs):
+            count = fits([request_bytes(r) for r in reqs[len(out) :]])
+            out.extend(await self._run_round(reqs[len(out) : len(out) + count]))
+        return out
+
+    async def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
         link = self._link
         link.check_open()
         view = link.view or await link.refresh_async()

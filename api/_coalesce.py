@@ -36,7 +36,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate._errors import Deferred, InvalidInput, ShardLoading, StaleShardMap, StateError
-from shardstate._requests import decode_payload
+from shardstate._requests import decode_payload, request_bytes
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -48,6 +48,18 @@ MAX_IN_FLIGHT = 3
 MAX_BATCH = 2048
 #: ... but parts are not made smaller than this
 MIN_PART = 64
+#: a batch carries at most about this many bytes of values (a larger queue leaves in several)
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+
+
+def fits(sizes: Sequence[int], limit: int = MAX_BATCH_BYTES) -> int:
+    """How many of the first calls (of these request sizes) go in one batch: at least one."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if total > limit and count > 0:
+            return count
+    return len(sizes)
 
 
 def pack(cmds: Sequence[Any]) -> bytes:
@@ -175,6 +187,13 @@ class SyncLanes:
         return slot.result()
 
     def _send(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
+        """Send the queued calls, in batches of at most :data:`MAX_BATCH_BYTES`, one after another."""
+        while batch:
+            count = fits([request_bytes(s.req) for s in batch])
+            self._send_one(shard, batch[:count], redo)
+            batch = batch[count:]
+
+    def _send_one(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
         from shardstate._client import Backoff
 
         link = self.link
@@ -278,6 +297,7 @@ class AsyncLanes:
                 break
             free = MAX_IN_FLIGHT - len(lane.in_flight)
             size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
+            size = fits([request_bytes(slot.req) for slot, _ in lane.queue[:size]])
             batch, lane.queue = lane.queue[:size], lane.queue[size:]
             try:
                 packed = pack([slot.req.cmd for slot, _ in batch])

@@ -33,6 +33,8 @@ from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
+#: The largest packed batch a shard unpickles (clients split theirs far below this).
+MAX_FRAME_BYTES = 512 * 1024 * 1024
 #: Seconds the notifier waits after a commit before pushing its events to the subscriber.
 NOTIFY_DELAY = 0.01
 
@@ -138,6 +140,10 @@ class ShardActor:
         Ray's per-object serialization of the same list does. A batch that cannot be unpickled is
         answered with one error result (the caller fails every command of it).
         """
+        if not isinstance(packed, bytes) or len(packed) > MAX_FRAME_BYTES:
+            size = len(packed) if isinstance(packed, bytes) else type(packed).__name__
+            error = InvalidInput(f"a packed batch is bytes of at most {MAX_FRAME_BYTES}, got {size}")
+            return pickle.dumps([(False, error)], protocol=pickle.HIGHEST_PROTOCOL)
         try:
             batch = pickle.loads(packed)
         except Exception as exc:
@@ -224,6 +230,7 @@ class ShardActor:
             "restarted": self.restarted,
             "load_seconds": self.load_seconds,
             "batches": self.batches,
+            "deferrals": self.engine.deferrals,
             "commands": self.commands,
         }
 

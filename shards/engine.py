@@ -130,6 +130,8 @@ class ShardEngine:
         self._now = 0.0
         #: lanes whose batches are all deferred until one comes with ``resume`` (see execute_batch)
         self._fenced: OrderedDict[str, None] = OrderedDict()
+        #: batches whose answer reached the budget (the rest of them was deferred)
+        self.deferrals = 0
         #: values recently decoded or produced by updates, by key, with the stored bytes they belong
         #: to: a hot key (a growing fan-in document) is not unpickled again for every update
         self._decoded: dict[tuple[str, str], tuple[bytes, Any]] = {}
@@ -204,6 +206,7 @@ class ShardEngine:
             budget -= _answer_size(result[1]) if result[0] else 0
             if budget < 0 and len(results) < len(batch):
                 results.extend([_DEFERRED] * (len(batch) - len(results)))
+                self.deferrals += 1
                 if lane is not None:
                     self.fence(lane)
                 break
