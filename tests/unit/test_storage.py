@@ -788,6 +788,10 @@ class _FailingDb:
             raise sqlite3.OperationalError("disk I/O error (simulated)")
         return self._db.executemany(*args)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
 def test_a_failed_commit_writes_nothing(storage: SqliteStorage, fail_at: int) -> None:
