@@ -37,6 +37,7 @@ from shardstate._requests import (
 )
 from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
+from shardstate.cluster.placement import place_shard
 from shardstate.cluster.slots import SlotMap
 from shardstate.cluster.subscriber import subscriber_actor_class
 from shardstate.shards.actor import SWEEP_INTERVAL, shard_actor_class
@@ -332,33 +333,3 @@ async def _status(shard: Any, timeout: float) -> dict[str, Any]:
 def _alive_nodes() -> builtins.list[tuple[str, str]]:
     """``(node id, node IP)`` of every alive Ray node, sorted."""
     return sorted((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive"))
-
-
-def place_shard(
-    index: int, known: dict[str, Any] | None, alive: Sequence[tuple[str, str]]
-) -> tuple[str, str]:
-    """``(node id, node IP)`` where shard ``index`` must run.
-
-    ``known``: where the cluster metadata says its file is (``node_id``, ``node_ip``), or None (a
-    new shard: spread over the alive nodes). The node is found by id, else by IP (a node restarted
-    with the same address); on a one-node Ray the one node (its file is checked when opened: a
-    missing or foreign file is refused). Otherwise a :class:`StorageError` names the node it needs.
-    """
-    if not alive:
-        raise StorageError("no alive Ray node to place shards on")
-    if known is None:
-        return alive[index % len(alive)]
-    node_id, node_ip = known.get("node_id"), known.get("node_ip")
-    for node in alive:
-        if node_id is not None and node[0] == node_id:
-            return node
-    for node in alive:
-        if node_ip is not None and node[1] == node_ip:
-            return node
-    if len(alive) == 1:
-        return alive[0]
-    raise StorageError(
-        f"shard {index} keeps its data on node {node_id} ({node_ip}), which is not in the Ray cluster "
-        f"(alive: {', '.join(f'{i} ({ip})' for i, ip in alive)}); bring that node back, or restore the "
-        "shard's file on another node"
-    )
