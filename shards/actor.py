@@ -122,8 +122,8 @@ class ShardActor:
         """Open and check the storage, then load it into a new engine (the background thread)."""
         try:
             self.storage = self._open_storage()
-            self._hold_if_asked()
             self.phase = LOADING
+            self._hold_if_asked()
             if isinstance(self.storage, SqliteStorage):
                 self.storage.check()
             self._rows_total = self.storage.count_entries()

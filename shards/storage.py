@@ -222,7 +222,9 @@ class SqliteStorage:
             raise StorageError(
                 f"shard database {self.path} is an old copy: it was last opened in start {found_inc} of "
                 f"shard {shard} (cluster id {cluster_id}), but the shard has started {known_incarnation} "
-                "times; refusing to serve stale data (restore the newest file)"
+                "times; refusing to serve stale data (restore the newest file; to serve this one anyway, "
+                f"set its start count: shardstate.cluster.metadata.record_incarnation(<cluster>, {shard}, "
+                f"{found_inc}))"
             )
         count = max(found_inc, known_incarnation) + 1
         db = self.db
@@ -253,10 +255,11 @@ class SqliteStorage:
             raise
 
     def limit_pages(self, extra: int | None) -> int:
-        """Test hook (never called by shardstate): cap the file at its current size + ``extra`` pages,
-        so commits that need more fail like on a full disk; None lifts the cap. Returns the cap."""
+        """Test hook (never called by shardstate): compact the file and cap it at its size + ``extra``
+        pages, so commits that need more fail like on a full disk; None lifts the cap. Returns the cap."""
         if extra is None:
             return int(self.db.execute("PRAGMA max_page_count = 4294967294").fetchone()[0])
+        self.db.execute("VACUUM")  # no free pages left inside the file either
         pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
         return int(self.db.execute(f"PRAGMA max_page_count = {pages + int(extra)}").fetchone()[0])
 

@@ -27,7 +27,9 @@ def test_a_shard_whose_node_is_gone_names_that_node() -> None:
     with pytest.raises(StorageError) as err:
         place_shard(2, {"node_id": "node-gone", "node_ip": "10.0.0.77"}, ALIVE)
     message = str(err.value)
-    assert "shard 2" in message and "node-gone" in message and "10.0.0.77" in message
+    assert "shard 2" in message
+    assert "node-gone" in message
+    assert "10.0.0.77" in message
     assert "not in the Ray cluster" in message
 
 

@@ -863,7 +863,9 @@ def test_claim_refuses_another_clusters_file(db_path: Path) -> None:
     other = SqliteStorage(db_path)
     with pytest.raises(StorageError) as err:
         other.claim("cid-b", 0, 0, stamped_before=False)
-    assert str(db_path) in str(err.value) and "cid-a" in str(err.value) and "cid-b" in str(err.value)
+    assert str(db_path) in str(err.value)
+    assert "cid-a" in str(err.value)
+    assert "cid-b" in str(err.value)
     other.close()
     # nothing was changed by the refusal: the file still belongs to cluster a, with a's data
     owner = SqliteStorage(db_path)
