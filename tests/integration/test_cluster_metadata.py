@@ -58,7 +58,6 @@ def test_metadata_survives_a_whole_cluster_restart_without_cluster_json(new_clus
     for g in range(12):
         state.set(f"grp-{g}", "k", g)
     infos = state.shard_info()
-    cluster_id = metadata.cluster_record(new_cluster["cluster"])["id"]  # type: ignore[index]
     assert shardstate.shutdown(new_cluster["cluster"])
     manifest = Path(new_cluster["storage"]) / new_cluster["cluster"] / "cluster.json"
     manifest.unlink()  # the GCS alone must know the cluster now
@@ -68,6 +67,7 @@ def test_metadata_survives_a_whole_cluster_restart_without_cluster_json(new_clus
     assert again.config["max_value_size"] == 4096
     assert again.config["storage"] == new_cluster["storage"]
     assert sorted(again.get(f"grp-{g}", "k") for g in range(12)) == list(range(12))
+    cluster_id = metadata.cluster_record(new_cluster["cluster"])["id"]  # type: ignore[index]
     for info in again.shard_info():
         record = metadata.shard_record(new_cluster["cluster"], info["index"])
         assert record is not None
@@ -91,10 +91,10 @@ def test_a_file_from_another_cluster_is_refused(ray_session: None, storage_root:
             (b_dir / f"shard-0.db{suffix}").unlink(missing_ok=True)
             if (a_dir / f"shard-0.db{suffix}").exists():
                 shutil.copy(a_dir / f"shard-0.db{suffix}", b_dir / f"shard-0.db{suffix}")
-        a_id = metadata.cluster_record(names[0])["id"]  # type: ignore[index]
-        b_id = metadata.cluster_record(names[1])["id"]  # type: ignore[index]
         with pytest.raises(Unavailable) as err:
             shardstate.connect(cluster=names[1], storage=str(storage_root))
+        a_id = metadata.cluster_record(names[0])["id"]  # type: ignore[index]
+        b_id = metadata.cluster_record(names[1])["id"]  # type: ignore[index]
         message = str(err.value)
         assert str(b_dir / "shard-0.db") in message
         assert a_id in message
