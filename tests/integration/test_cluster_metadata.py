@@ -222,3 +222,16 @@ def test_connect_while_shards_restart_never_kills_the_cluster(new_cluster: dict[
         os.kill(pid, signal.SIGKILL)
         wait_for(lambda index=index, pid=pid: restarted_info(state, index, pid), "a restart")
     assert state.get("g", "k") == "alive"
+
+
+def test_a_memory_clusters_shutdown_forgets_its_settings_not_its_starts(new_cluster: dict[str, str]) -> None:
+    name = new_cluster["cluster"]
+    state = shardstate.connect(**new_cluster, shards=2, durability="memory")
+    first = [info["incarnation"] for info in state.shard_info()]
+    assert shardstate.shutdown(name)
+    assert metadata.cluster_record(name) is None  # nothing on disk to come back to
+    again = shardstate.connect(**new_cluster, shards=3, durability="memory")  # no mismatch: a new one
+    assert again.config["shards"] == 3
+    starts = [info["incarnation"] for info in again.shard_info()]
+    assert starts[0] > first[0]
+    assert starts[1] > first[1]  # seqs start above the old ones: event ids never repeat
