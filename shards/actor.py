@@ -100,6 +100,7 @@ class ShardActor:
         self._seq_hint = 0
         #: what the subscriber asked for while the shard was loading (applied once loaded)
         self._durable_wish: bool | None = None
+        self._wish_lock = threading.Lock()
         self.storage: Storage = MemoryStorage()
         self.engine = self._new_engine(None)  # a placeholder until the stored state is loaded
         # -- storage health ---------------------------------------------------------------------
@@ -130,10 +131,13 @@ class ShardActor:
             engine = self._engine_from_storage()
             engine.set_durable_events(self._initial_durable_events())
             engine.sweep()
-            self.engine = engine
-            self._commit()
-            self.load_seconds = time.perf_counter() - self._started
-            self.phase = READY
+            with self._wish_lock:  # a wish sent while loading is applied here, or sees READY
+                if self._durable_wish is not None:
+                    engine.set_durable_events(self._durable_wish)
+                self.engine = engine
+                self._commit()
+                self.load_seconds = time.perf_counter() - self._started
+                self.phase = READY
         except BaseException as exc:  # the shard stays up and says why (info(), every answer)
             self.load_error = f"{type(exc).__name__}: {exc}"
             self.phase = FAILED
@@ -145,7 +149,7 @@ class ShardActor:
 
     def _initial_durable_events(self) -> bool:
         """Whether the loaded engine keeps events durably (a trigger may listen) at first."""
-        return True if self._durable_wish is None else self._durable_wish
+        return True
 
     def _open_storage(self) -> Storage:
         """Open this shard's storage and check it belongs here (cluster id, shard, start count)."""
@@ -380,9 +384,10 @@ class ShardActor:
         """Whether a trigger listens (the subscriber says): keep events durably for it, or only in
         memory for watchers. Returns the last seq handed out before the switch (while loading: the
         stored one; the switch applies once loaded)."""
-        if self.phase != READY:
-            self._durable_wish = bool(durable)
-            return self._seq_hint
+        with self._wish_lock:
+            if self.phase != READY:
+                self._durable_wish = bool(durable)
+                return self._seq_hint
         seq = self.engine.set_durable_events(bool(durable))
         self._commit()
         return seq
