@@ -19,6 +19,7 @@ from shardstate._errors import ShardLoading
 from shardstate.cluster import metadata
 from shardstate.cluster.bootstrap import find_router
 from shardstate.cluster.config import NAMESPACE
+from shardstate.cluster.slots import slot_of
 from shardstate.shards import commands as C
 
 pytestmark = pytest.mark.timeout(300)
@@ -235,3 +236,32 @@ def test_a_memory_clusters_shutdown_forgets_its_settings_not_its_starts(new_clus
     starts = [info["incarnation"] for info in again.shard_info()]
     assert starts[0] > first[0]
     assert starts[1] > first[1]  # seqs start above the old ones: event ids never repeat
+
+
+def test_attaching_to_a_cluster_that_cannot_serve_raises_and_stops_nothing(
+    new_cluster: dict[str, str],
+) -> None:
+    name = new_cluster["cluster"]
+    state = shardstate.connect(**new_cluster, shards=2)
+    for i in range(10):
+        state.set(f"g{i}", "k", i)
+    router_before = router_pid(name)
+    broken = state.shard_info()[1]
+    db = Path(new_cluster["storage"]) / name / "shard-1.db"
+    moved = db.with_name("shard-1.db.away")
+    db.rename(moved)  # shard 1's file is gone while it runs; its restart must not come up empty
+    os.kill(broken["pid"], signal.SIGKILL)
+    info = wait_for(lambda: restarted_info(state, 1, broken["pid"]), "shard 1 to restart")
+    wait_for(lambda: state.shard_info()[1]["phase"] == "failed", "shard 1 to refuse its start")
+    with pytest.raises(Unavailable, match="missing") as err:
+        shardstate.connect(**new_cluster, shards=2)
+    assert "keeps running" in str(err.value)
+    assert router_pid(name) == router_before
+    assert state.shard_info()[1]["pid"] == info["pid"]  # the refusing shard was not killed either
+    served = [i for i in range(10) if state._link.current().owners[slot_of(f"g{i}")] == 0]
+    assert served
+    assert [state.get(f"g{i}", "k") for i in served] == served  # shard 0 keeps serving
+    moved.rename(db)
+    assert shardstate.shutdown(name)  # what the error says to do once the cause is fixed
+    healed = shardstate.connect(**new_cluster)
+    assert sorted(healed.get(f"g{i}", "k") for i in range(10)) == list(range(10))
