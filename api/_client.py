@@ -21,13 +21,14 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate import _triggers
 from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, pack, unpack
-from shardstate._errors import StaleShardMap, StateError, Unavailable
+from shardstate._errors import ShardLoading, StaleShardMap, StateError, Unavailable
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
 from shardstate._requests import (
     GROUPS_COMMAND,
     Request,
     clear_request,
+    decode_payload,
     delete_request,
     entry_request,
     get_request,
@@ -39,6 +40,7 @@ from shardstate._requests import (
 )
 from shardstate.cluster.bootstrap import find_router
 from shardstate.cluster.slots import slot_of
+from shardstate.shards.validation import check_name
 
 #: How many times a call follows a "stale shard map" answer before giving up.
 MAX_REDIRECTS = 5
@@ -146,11 +148,12 @@ class Backoff:
 
 
 def _follow(result: tuple[bool, Any], req: Request) -> tuple[bool, Any]:
-    """``(done, value)``: decode an ok result, raise an error result, or ask to retry a redirect."""
+    """``(done, value)``: decode an ok result, raise an error result, or ask to retry (a redirect,
+    or a shard still loading: the value is then that error)."""
     ok, payload = result
     if ok:
-        return True, req.decode(payload)
-    if isinstance(payload, StaleShardMap):
+        return True, decode_payload(req, payload)
+    if isinstance(payload, (StaleShardMap, ShardLoading)):
         return False, payload
     if isinstance(payload, StateError):
         raise payload
@@ -233,6 +236,10 @@ class StateClient(_ClientBase):
             done, value = _follow(result, req)
             if done:
                 return value
+            if isinstance(value, ShardLoading):  # wait for it (within retry_timeout), then again
+                backoff = backoff or Backoff(link)
+                time.sleep(backoff.next_delay(value))
+                continue
             redirects += 1
             if redirects >= MAX_REDIRECTS:
                 raise Unavailable(
@@ -399,7 +406,8 @@ class StateClient(_ClientBase):
         across redeliveries. Re-registering a ``name`` replaces it. Returns the trigger's name.
         """
         name, record = _triggers.trigger_record(handler, group_id, key, condition, name)
-        self.set(_triggers.TRIGGERS_GROUP, name, record)
+        limit = self._link.max_value_size
+        self._run(set_request(_triggers.TRIGGERS_GROUP, name, record, limit, system=True))
         self._subscribers_ready()
         return name
 
@@ -420,7 +428,8 @@ class StateClient(_ClientBase):
 
     def remove_trigger(self, name: str) -> bool:
         """Unregister trigger ``name``; False if there was none."""
-        removed = self.delete(_triggers.TRIGGERS_GROUP, name) is not None
+        check_name(name, "name")
+        removed = self._run(delete_request(_triggers.TRIGGERS_GROUP, name, system=True)) is not None
         self._subscribers_ready()
         return removed
 
@@ -494,6 +503,10 @@ class AsyncStateClient(_ClientBase):
             done, value = _follow(result, req)
             if done:
                 return value
+            if isinstance(value, ShardLoading):  # wait for it (within retry_timeout), then again
+                backoff = backoff or Backoff(link)
+                await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, value))
+                continue
             redirects += 1
             if redirects >= MAX_REDIRECTS:
                 raise Unavailable(

@@ -34,7 +34,8 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from shardstate._errors import InvalidInput, StaleShardMap, StateError
+from shardstate._errors import InvalidInput, ShardLoading, StaleShardMap, StateError
+from shardstate._requests import decode_payload
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -88,32 +89,40 @@ class Slot:
 def settle(
     slots: Sequence[Slot], results: Sequence[tuple[bool, Any]], redo: Callable[[Request], Any]
 ) -> None:
-    """Give each slot its decoded value or error; commands answered StaleShardMap go to ``redo``.
+    """Give each slot its own decoded value or error; commands the shard did not run (it no longer
+    owns the group, or it is still loading) go to ``redo``.
 
     If the shard could not take the batch as a whole (it answered one error for many commands, e.g.
     a value it cannot unpickle), each command is sent again on its own, so only the bad one fails.
+    Every slot gets its own outcome: a value this process cannot decode fails that call alone
+    (:class:`DecodeError`), and the others (committed writes among them) report success.
     """
     if len(results) != len(slots):
         for slot in slots:
-            try:
-                slot.value, slot.ok = redo(slot.req), True
-            except StateError as exc:
-                slot.value, slot.ok = exc, False
-            slot.done = True
+            _outcome(slot, redo, None)
         return
-    for slot, (ok, payload) in zip(slots, results, strict=True):
-        try:
-            if ok:
-                slot.value, slot.ok = slot.req.decode(payload), True
-            elif isinstance(payload, StaleShardMap):
-                slot.value, slot.ok = redo(slot.req), True
-            elif isinstance(payload, StateError):
-                slot.value = payload
-            else:
-                slot.value = StateError(f"shard returned a malformed result: {payload!r}")
-        except StateError as exc:
-            slot.value, slot.ok = exc, False
-        slot.done = True
+    for slot, result in zip(slots, results, strict=True):
+        _outcome(slot, redo, result)
+
+
+def _outcome(slot: Slot, redo: Callable[[Request], Any], result: tuple[bool, Any] | None) -> None:
+    """Settle one slot from its result (None: send it again on its own)."""
+    try:
+        if result is None:
+            slot.value, slot.ok = redo(slot.req), True
+        elif result[0]:
+            slot.value, slot.ok = decode_payload(slot.req, result[1]), True
+        elif isinstance(result[1], (StaleShardMap, ShardLoading)):
+            slot.value, slot.ok = redo(slot.req), True
+        elif isinstance(result[1], StateError):
+            slot.value, slot.ok = result[1], False
+        else:
+            slot.value, slot.ok = StateError(f"shard returned a malformed result: {result[1]!r}"), False
+    except StateError as exc:
+        slot.value, slot.ok = exc, False
+    except Exception as exc:  # a bug must not leave this call (or another caller's) without an answer
+        slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
+    slot.done = True
 
 
 class _Waiter(Slot):
@@ -331,7 +340,7 @@ class AsyncLanes:
         stale = [
             s
             for s, (ok, p) in zip(slots, results, strict=False)
-            if not ok and isinstance(p, StaleShardMap)
+            if not ok and isinstance(p, (StaleShardMap, ShardLoading))
         ]
         if len(results) != len(slots):
             stale = list(slots)  # the shard could not take the batch whole: each goes on its own
@@ -342,6 +351,8 @@ class AsyncLanes:
                 slot.value, slot.ok = await redo(slot.req), True
             except StateError as exc:
                 slot.value, slot.ok = exc, False
+            except Exception as exc:  # never let one call's failure reach the lane's other callers
+                slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
 
 
 def _packs(slot: Slot) -> bool:

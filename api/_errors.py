@@ -7,6 +7,8 @@ Every error a caller can see derives from :class:`StateError`::
     │   └── ValueTooLarge         a value (or an update's result) exceeds the cluster's max value size
     ├── UpdateError               an update's op could not apply; carries ``op_index`` and ``code``
     ├── ConflictError             compare-and-set saw another version than expected
+    ├── DecodeError               a value cannot be unpickled in *this* process (its class's module
+    │                             is missing here); the call itself was executed
     └── Unavailable               the cluster cannot be reached, was shut down, or a shard did not
         │                         come back in time (``retriable`` is True)
         ├── StaleShardMap         internal: a shard no longer owns the group's slot; the client
@@ -95,6 +97,14 @@ class ConflictError(StateError):
         return self.message
 
 
+class DecodeError(StateError):
+    """A value the shard returned cannot be unpickled in this process (e.g. ``No module named 'x'``).
+
+    Only the call whose value it is fails; a write was applied all the same (do not retry it with
+    a new op_id). Install the module, or read the value where it can be imported.
+    """
+
+
 class Unavailable(StateError):
     """The state cluster cannot serve the call: unreachable, shut down, or a shard did not recover."""
 
@@ -120,6 +130,7 @@ ERROR_CLASSES: tuple[type[StateError], ...] = (
     ValueTooLarge,
     UpdateError,
     ConflictError,
+    DecodeError,
     Unavailable,
     StaleShardMap,
     ShardLoading,

@@ -29,6 +29,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from shardstate._models import StateEvent
+from shardstate._requests import set_request
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.shards.records import Event
 
@@ -378,7 +379,15 @@ class SubscriberActor:
         for letter in dead:
             event: StateEvent = letter["event"]
             key = f"{letter['trigger']}|{event.event_id}"
-            await self.state.set(DEAD_LETTERS_GROUP, key, {**letter, "event": event.model_dump()})
+            await self.state._run(
+                set_request(
+                    DEAD_LETTERS_GROUP,
+                    key,
+                    {**letter, "event": event.model_dump()},
+                    self.config.max_value_size,
+                    system=True,
+                )
+            )
             self.dead += 1
 
 

@@ -116,7 +116,7 @@ class ShardActor:
             owns=self._owns,
             max_value_size=self.max_value_size,
             op_retention=self.op_retention,
-            fetch_op=None if storage is None else storage.fetch_op,
+            fetch_op=None if storage is None or self.durability == "memory" else storage.fetch_op,
         )
 
     def _load(self) -> None:

@@ -11,7 +11,9 @@ import shardstate
 from shardstate._errors import (
     ERROR_CLASSES,
     ConflictError,
+    DecodeError,
     InvalidInput,
+    ShardLoading,
     StaleShardMap,
     StateError,
     Unavailable,
@@ -42,8 +44,10 @@ def test_error_classes_are_the_family() -> None:
         ValueTooLarge,
         UpdateError,
         ConflictError,
+        DecodeError,
         Unavailable,
         StaleShardMap,
+        ShardLoading,
     }
 
 
@@ -88,6 +92,8 @@ def test_hierarchy() -> None:
     assert issubclass(InvalidInput, ValueError)
     assert issubclass(ValueTooLarge, ValueError)
     assert issubclass(StaleShardMap, Unavailable)
+    assert issubclass(ShardLoading, Unavailable)
+    assert ShardLoading("loading, 5%").retriable is True
     assert not issubclass(UpdateError, InvalidInput)
     assert not issubclass(ConflictError, InvalidInput)
     assert not issubclass(Unavailable, InvalidInput)
