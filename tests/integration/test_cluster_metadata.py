@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -170,14 +171,23 @@ def test_a_loading_shard_answers_loading_and_attaching_kills_nothing(new_cluster
         assert [type(e) for _ok, e in results] == [ShardLoading, ShardLoading]
         with pytest.raises(ShardLoading):
             ray.get(shard.event_state.remote(), timeout=60)
+        # a client's call waits for the load (within its retry_timeout) instead of failing
+        waited: list[Any] = []
+        group_on_0 = next(f"g{i}" for i in range(20) if state._link.current().owners[slot_of(f"g{i}")] == 0)
+        waiter = threading.Thread(target=lambda: waited.append(state.get(group_on_0, "k")))
+        waiter.start()
         # a caller attaching now (with settings: it goes through the start-up check) kills nothing
         attached = shardstate.connect(**new_cluster, shards=2)
         assert attached.config["shards"] == 2
         assert router_pid(name) == router_before
         assert shard_handle(name, 0) is not None
         assert state.shard_info()[0]["pid"] == info["pid"]
+        assert waiter.is_alive()  # it cannot have an answer: the shard still holds its load
+        assert not waited
     finally:
         metadata.hold_loading(name, 0, False)
+    waiter.join(timeout=120)
+    assert waited == [int(group_on_0[1:])]
     wait_for(lambda: state.shard_info()[0]["phase"] == "ready", "shard 0 to load")
     assert sorted(state.get(f"g{i}", "k") for i in range(20)) == list(range(20))
     state.set("g1", "k", "after")
