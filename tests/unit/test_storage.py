@@ -820,6 +820,10 @@ class _FailingDb:
             raise sqlite3.OperationalError("disk I/O error (simulated)")
         return self._db.executemany(*args)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
 def test_a_failed_commit_writes_nothing(storage: SqliteStorage, fail_at: int) -> None:
@@ -871,3 +875,99 @@ def test_an_empty_change_set_commits_nothing(db_path: Path) -> None:
     storage = SqliteStorage(db_path)
     storage.db.close()
     storage.commit(Changes())  # would raise if it touched the closed connection
+
+
+# -- a file belongs to one shard of one cluster (issue 9, item 15) ------------------------------
+def test_claim_stamps_a_new_file_and_accepts_it_again(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    assert storage.claim("cid-a", 0, 0, stamped_before=False) == 1
+    storage.close()
+    again = SqliteStorage(db_path, must_exist=True)
+    assert again.claim("cid-a", 0, 1, stamped_before=True) == 2  # each start counts one more
+    again.close()
+
+
+def test_claim_refuses_another_clusters_file(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    storage.claim("cid-a", 0, 0, stamped_before=False)
+    storage.commit(_changes_setting("g", "k", b"a's data"))
+    storage.close()
+    other = SqliteStorage(db_path)
+    with pytest.raises(StorageError) as err:
+        other.claim("cid-b", 0, 0, stamped_before=False)
+    assert str(db_path) in str(err.value)
+    assert "cid-a" in str(err.value)
+    assert "cid-b" in str(err.value)
+    other.close()
+    # nothing was changed by the refusal: the file still belongs to cluster a, with a's data
+    owner = SqliteStorage(db_path)
+    assert owner.claim("cid-a", 0, 1, stamped_before=True) == 2
+    assert [row[:3] for row in owner.load().entries] == [("g", "k", b"a's data")]
+    owner.close()
+
+
+def test_claim_refuses_another_shards_file_an_unstamped_stranger_and_an_old_copy(tmp_path: Path) -> None:
+    path = tmp_path / "shard-1.db"
+    storage = SqliteStorage(path)
+    storage.claim("cid", 1, 0, stamped_before=False)
+    storage.close()
+    saved = path.read_bytes()  # an old copy (start 1); WAL checkpointed on close
+    storage = SqliteStorage(path)
+    with pytest.raises(StorageError, match="shard 1's file"):
+        storage.claim("cid", 2, 0, stamped_before=False)
+    assert storage.claim("cid", 1, 1, stamped_before=True) == 2
+    storage.close()
+    old = tmp_path / "old" / "shard-1.db"
+    old.parent.mkdir()
+    old.write_bytes(saved)
+    stale = SqliteStorage(old)
+    with pytest.raises(StorageError, match="old copy"):
+        stale.claim("cid", 1, 2, stamped_before=True)
+    stale.close()
+    stranger = SqliteStorage(tmp_path / "stranger.db")
+    with pytest.raises(StorageError, match="carries no cluster id"):
+        stranger.claim("cid", 1, 2, stamped_before=True)
+    stranger.close()
+
+
+def test_a_file_of_an_older_version_is_adopted(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)  # no ids in it: written before files were stamped
+    storage.commit(_changes_setting("g", "k", b"v"))
+    assert storage.claim("cid", 0, 0, stamped_before=False) == 1
+    assert [row[:3] for row in storage.load().entries] == [("g", "k", b"v")]
+    storage.close()
+
+
+def test_memory_storage_starts_seqs_at_its_base() -> None:
+    loaded = MemoryStorage(seq_base=3 << 40).load()
+    assert (loaded.seq, loaded.acked_seq) == (3 << 40, 3 << 40)
+    engine = ShardEngine()
+    engine.load(loaded)
+    run(engine, command(C.SET, "g", "k", enc(1)))
+    assert engine.seq == (3 << 40) + 1
+    memory = open_storage(None, 0, "memory", seq_base=7)
+    assert memory.load().seq == 7
+
+
+# -- a full disk (issue 9, item 13) ---------------------------------------------------------------
+def test_a_full_disk_fails_the_commit_cleanly_and_recovers(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    storage.commit(_changes_setting("g", "kept", b"x" * 1000))
+    storage.limit_pages(0)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        storage.commit(_changes_setting("g", "big", b"y" * 100_000))
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        storage.probe()
+    assert storage.count_entries() == 1  # reads still work on a full disk, nothing half-written
+    assert [row[1] for row in storage.load().entries] == ["kept"]
+    storage.limit_pages(None)
+    storage.probe()
+    storage.commit(_changes_setting("g", "big", b"y" * 100_000))
+    assert [row[1] for row in storage.load().entries] == ["kept", "big"]
+    storage.close()
+
+
+def _changes_setting(group: str, key: str, data: bytes) -> Changes:
+    changes = Changes()
+    changes.put(group, key, Entry(data, 1, T0, None), created=True)
+    return changes
