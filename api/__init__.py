@@ -19,6 +19,7 @@ from shardstate._client import AsyncStateClient, StateClient
 from shardstate._connect import connect, connect_async, shutdown
 from shardstate._errors import (
     ConflictError,
+    DecodeError,
     InvalidInput,
     StateError,
     Unavailable,
@@ -40,6 +41,7 @@ __all__ = [
     "ClusterMismatchWarning",
     "ConflictError",
     "DeadLetter",
+    "DecodeError",
     "Entry",
     "InvalidInput",
     "Pipeline",

@@ -20,25 +20,30 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate import _triggers
-from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, pack, unpack
-from shardstate._errors import StaleShardMap, StateError, Unavailable
+from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, fits, pack, unpack
+from shardstate._errors import Deferred, ShardLoading, StaleShardMap, StateError, Unavailable
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
 from shardstate._requests import (
     GROUPS_COMMAND,
+    Page,
     Request,
     clear_request,
+    decode_payload,
     delete_request,
     entry_request,
     get_request,
     items_request,
     list_request,
     merge_groups,
+    next_page,
+    request_bytes,
     set_request,
     update_request,
 )
 from shardstate.cluster.bootstrap import find_router
 from shardstate.cluster.slots import slot_of
+from shardstate.shards.validation import check_name
 
 #: How many times a call follows a "stale shard map" answer before giving up.
 MAX_REDIRECTS = 5
@@ -74,6 +79,21 @@ class ClusterLink:
         #: the asyncio lanes last used, with their loop (see ``async_lanes``)
         self.async_lanes: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncLanes] | None = None
         self.view: ShardView | None = None
+        #: shard -> when it was first found loading (cleared by its next answer)
+        self.loading_since: dict[int, float] = {}
+
+    def wait_for_load(self, shard: int, error: ShardLoading) -> float:
+        """Seconds to wait before sending to a loading shard again; ``Unavailable`` once it has been
+        loading for longer than ``retry_timeout``."""
+        self.check_open()
+        since = self.loading_since.setdefault(shard, time.monotonic())
+        if time.monotonic() - since > self.retry_timeout:
+            self.loading_since.pop(shard, None)
+            raise Unavailable(
+                f"a shard of state cluster {self.cluster!r} did not finish loading within "
+                f"{self.retry_timeout}s: {error}"
+            )
+        return 0.05
 
     def check_open(self) -> None:
         """Raise :class:`Unavailable` if this link was closed (e.g. by ``shutdown()``)."""
@@ -146,11 +166,12 @@ class Backoff:
 
 
 def _follow(result: tuple[bool, Any], req: Request) -> tuple[bool, Any]:
-    """``(done, value)``: decode an ok result, raise an error result, or ask to retry a redirect."""
+    """``(done, value)``: decode an ok result, raise an error result, or ask to retry (a redirect,
+    or a shard still loading: the value is then that error)."""
     ok, payload = result
     if ok:
-        return True, req.decode(payload)
-    if isinstance(payload, StaleShardMap):
+        return True, decode_payload(req, payload)
+    if isinstance(payload, (StaleShardMap, ShardLoading, Deferred)):
         return False, payload
     if isinstance(payload, StateError):
         raise payload
@@ -211,7 +232,19 @@ class StateClient(_ClientBase):
         link = self._link
         link.check_open()
         shard = link.current().owners[slot_of(req.group_id)]
-        return link.lanes.call(shard, req, self._run_direct)
+        value = link.lanes.call(shard, req, self._run_direct)
+        return self._rest(value) if isinstance(value, Page) else value
+
+    def _rest(self, page: Page) -> builtins.list[Any]:
+        """All rows of a paged ``list``/``items`` answer, from its first page on."""
+        rows = builtins.list(page.rows)
+        value: Any = page
+        while isinstance(value, Page):
+            link = self._link
+            req = next_page(value)
+            value = link.lanes.call(link.current().owners[slot_of(req.group_id)], req, self._run_direct)
+            rows.extend(value.rows if isinstance(value, Page) else value)
+        return rows
 
     def _run_direct(self, req: Request) -> Any:
         """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
@@ -233,6 +266,10 @@ class StateClient(_ClientBase):
             done, value = _follow(result, req)
             if done:
                 return value
+            if isinstance(value, (ShardLoading, Deferred)):  # wait (within retry_timeout), then again
+                backoff = backoff or Backoff(link)
+                time.sleep(backoff.next_delay(value))
+                continue
             redirects += 1
             if redirects >= MAX_REDIRECTS:
                 raise Unavailable(
@@ -241,7 +278,17 @@ class StateClient(_ClientBase):
             link.refresh()
 
     def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
+
+        Requests larger together than a batch's byte budget leave in several rounds, in order.
+        """
+        out: builtins.list[tuple[bool, Any]] = []
+        while len(out) < len(reqs):
+            count = fits([request_bytes(r) for r in reqs[len(out) :]])
+            out.extend(self._run_round(reqs[len(out) : len(out) + count]))
+        return out
+
+    def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
         link = self._link
         link.check_open()
         view = link.current()
@@ -267,10 +314,21 @@ class StateClient(_ClientBase):
                     raise link.unavailable(exc) from exc
                 if len(results) != len(pending[s]):  # the shard could not take the batch whole
                     results = [(False, StaleShardMap("resent on its own"))] * len(pending[s])
+                deferred = [i for i, r in zip(pending[s], results, strict=True) if isinstance(r[1], Deferred)]
+                if deferred:  # the answer was large, or the shard is loading: send the rest again
+                    failed[s] = deferred
+                    packed[s] = pack([reqs[i].cmd for i in deferred])
+                    loading = results[len(results) - len(deferred)][1]
+                    if isinstance(loading, ShardLoading):
+                        time.sleep(link.wait_for_load(s, loading))
                 for i, result in zip(pending[s], results, strict=True):
+                    if isinstance(result[1], Deferred):
+                        continue
                     try:
                         done, value = _follow(result, reqs[i])
                         out[i] = (True, value) if done else (True, self._run_direct(reqs[i]))
+                        if isinstance(out[i][1], Page):
+                            out[i] = (True, self._rest(out[i][1]))
                     except StateError as exc:
                         out[i] = (False, exc)
             pending = failed
@@ -289,8 +347,10 @@ class StateClient(_ClientBase):
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
-        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
-        with the same op_id returns the first call's result and writes nothing again.
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
+        on this key: a repeat of the same call returns the first call's result and writes nothing
+        again; the same op_id on another key is another write; on this key with a different call it
+        raises :class:`InvalidInput` and changes nothing.
         """
         req = set_request(
             group_id,
@@ -426,6 +486,7 @@ class StateClient(_ClientBase):
 
     def remove_trigger(self, name: str) -> bool:
         """Unregister trigger ``name``; False if there was none."""
+        check_name(name, "name")
         removed = _triggers.system_delete(self, _triggers.TRIGGERS_GROUP, name) is not None
         self._subscribers_ready()
         return removed
@@ -477,7 +538,20 @@ class AsyncStateClient(_ClientBase):
         link.check_open()
         view = link.view or await link.refresh_async()
         shard = view.owners[slot_of(req.group_id)]
-        return await async_lanes(link).call(shard, req, self._run_direct)
+        value = await async_lanes(link).call(shard, req, self._run_direct)
+        return await self._rest(value) if isinstance(value, Page) else value
+
+    async def _rest(self, page: Page) -> builtins.list[Any]:
+        """All rows of a paged ``list``/``items`` answer, from its first page on."""
+        rows = builtins.list(page.rows)
+        value: Any = page
+        while isinstance(value, Page):
+            link = self._link
+            req = next_page(value)
+            shard = (link.view or await link.refresh_async()).owners[slot_of(req.group_id)]
+            value = await async_lanes(link).call(shard, req, self._run_direct)
+            rows.extend(value.rows if isinstance(value, Page) else value)
+        return rows
 
     async def _run_direct(self, req: Request) -> Any:
         """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
@@ -500,6 +574,10 @@ class AsyncStateClient(_ClientBase):
             done, value = _follow(result, req)
             if done:
                 return value
+            if isinstance(value, (ShardLoading, Deferred)):  # wait (within retry_timeout), then again
+                backoff = backoff or Backoff(link)
+                await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, value))
+                continue
             redirects += 1
             if redirects >= MAX_REDIRECTS:
                 raise Unavailable(
@@ -520,8 +598,10 @@ class AsyncStateClient(_ClientBase):
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
-        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: a repeated call
-        with the same op_id returns the first call's result and writes nothing again.
+        version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
+        on this key: a repeat of the same call returns the first call's result and writes nothing
+        again; the same op_id on another key is another write; on this key with a different call it
+        raises :class:`InvalidInput` and changes nothing.
         """
         req = set_request(
             group_id,
@@ -617,7 +697,17 @@ class AsyncStateClient(_ClientBase):
         return first_error(await self._run_many([get_request(group_id, k) for k in keys]))
 
     async def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
+
+        Requests larger together than a batch's byte budget leave in several rounds, in order.
+        """
+        out: builtins.list[tuple[bool, Any]] = []
+        while len(out) < len(reqs):
+            count = fits([request_bytes(r) for r in reqs[len(out) :]])
+            out.extend(await self._run_round(reqs[len(out) : len(out) + count]))
+        return out
+
+    async def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
         link = self._link
         link.check_open()
         view = link.view or await link.refresh_async()
@@ -631,7 +721,14 @@ class AsyncStateClient(_ClientBase):
         await asyncio.gather(
             *(lanes.send(s, batch, packed[s], self._run_direct) for s, batch in by_shard.items())
         )
-        return [(slot.ok, slot.value) for slot in slots]
+        out = [(slot.ok, slot.value) for slot in slots]
+        for i, (ok, value) in enumerate(out):
+            if ok and isinstance(value, Page):
+                try:
+                    out[i] = (True, await self._rest(value))
+                except StateError as exc:
+                    out[i] = (False, exc)
+        return out
 
     # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------
     def _sync(self) -> StateClient:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import pickle
+import secrets
 import threading
 import time
 import weakref
@@ -34,7 +35,8 @@ import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from shardstate._errors import InvalidInput, StaleShardMap, StateError
+from shardstate._errors import Deferred, InvalidInput, ShardLoading, StaleShardMap, StateError
+from shardstate._requests import decode_payload, request_bytes
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -46,6 +48,18 @@ MAX_IN_FLIGHT = 3
 MAX_BATCH = 2048
 #: ... but parts are not made smaller than this
 MIN_PART = 64
+#: a batch carries at most about this many bytes of values (a larger queue leaves in several)
+MAX_BATCH_BYTES = 32 * 1024 * 1024
+
+
+def fits(sizes: Sequence[int], limit: int = MAX_BATCH_BYTES) -> int:
+    """How many of the first calls (of these request sizes) go in one batch: at least one."""
+    total = 0
+    for count, size in enumerate(sizes):
+        total += size
+        if total > limit and count > 0:
+            return count
+    return len(sizes)
 
 
 def pack(cmds: Sequence[Any]) -> bytes:
@@ -88,32 +102,40 @@ class Slot:
 def settle(
     slots: Sequence[Slot], results: Sequence[tuple[bool, Any]], redo: Callable[[Request], Any]
 ) -> None:
-    """Give each slot its decoded value or error; commands answered StaleShardMap go to ``redo``.
+    """Give each slot its own decoded value or error; commands the shard did not run (it no longer
+    owns the group, or it is still loading) go to ``redo``.
 
     If the shard could not take the batch as a whole (it answered one error for many commands, e.g.
     a value it cannot unpickle), each command is sent again on its own, so only the bad one fails.
+    Every slot gets its own outcome: a value this process cannot decode fails that call alone
+    (:class:`DecodeError`), and the others (committed writes among them) report success.
     """
     if len(results) != len(slots):
         for slot in slots:
-            try:
-                slot.value, slot.ok = redo(slot.req), True
-            except StateError as exc:
-                slot.value, slot.ok = exc, False
-            slot.done = True
+            _outcome(slot, redo, None)
         return
-    for slot, (ok, payload) in zip(slots, results, strict=True):
-        try:
-            if ok:
-                slot.value, slot.ok = slot.req.decode(payload), True
-            elif isinstance(payload, StaleShardMap):
-                slot.value, slot.ok = redo(slot.req), True
-            elif isinstance(payload, StateError):
-                slot.value = payload
-            else:
-                slot.value = StateError(f"shard returned a malformed result: {payload!r}")
-        except StateError as exc:
-            slot.value, slot.ok = exc, False
-        slot.done = True
+    for slot, result in zip(slots, results, strict=True):
+        _outcome(slot, redo, result)
+
+
+def _outcome(slot: Slot, redo: Callable[[Request], Any], result: tuple[bool, Any] | None) -> None:
+    """Settle one slot from its result (None: send it again on its own)."""
+    try:
+        if result is None:
+            slot.value, slot.ok = redo(slot.req), True
+        elif result[0]:
+            slot.value, slot.ok = decode_payload(slot.req, result[1]), True
+        elif isinstance(result[1], (StaleShardMap, ShardLoading, Deferred)):
+            slot.value, slot.ok = redo(slot.req), True
+        elif isinstance(result[1], StateError):
+            slot.value, slot.ok = result[1], False
+        else:
+            slot.value, slot.ok = StateError(f"shard returned a malformed result: {result[1]!r}"), False
+    except StateError as exc:
+        slot.value, slot.ok = exc, False
+    except Exception as exc:  # a bug must not leave this call (or another caller's) without an answer
+        slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
+    slot.done = True
 
 
 class _Waiter(Slot):
@@ -165,6 +187,13 @@ class SyncLanes:
         return slot.result()
 
     def _send(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
+        """Send the queued calls, in batches of at most :data:`MAX_BATCH_BYTES`, one after another."""
+        while batch:
+            count = fits([request_bytes(s.req) for s in batch])
+            self._send_one(shard, batch[:count], redo)
+            batch = batch[count:]
+
+    def _send_one(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
         from shardstate._client import Backoff
 
         link = self.link
@@ -180,7 +209,6 @@ class SyncLanes:
             handle = link.current().shards[shard]
             try:
                 results = unpack(ray.get(handle.run.remote(packed), timeout=link.timeout))
-                break
             except RayActorError as exc:  # the shard died mid-call: it restarts from storage
                 backoff = backoff or Backoff(link)
                 try:
@@ -188,19 +216,41 @@ class SyncLanes:
                 except StateError as err:
                     _fail(batch, err)
                     return
+                continue
             except (RayError, GetTimeoutError) as exc:
                 _fail(batch, link.unavailable(exc))
                 return
-        settle(batch, results, redo)
+            cut = _deferred_from(results, len(batch))
+            settle(batch[:cut], results[:cut], redo)
+            if cut == len(batch):
+                link.loading_since.pop(shard, None)
+                return
+            if isinstance(results[cut][1], ShardLoading):
+                try:
+                    time.sleep(link.wait_for_load(shard, results[cut][1]))
+                except StateError as err:
+                    _fail(batch[cut:], err)
+                    return
+            # the answer grew large: the shard ran a head of the batch; send the rest, in order (this
+            # thread still holds the lane, so nothing of this process overtakes it)
+            batch = batch[cut:]
+            packed = pack([s.req.cmd for s in batch])
 
 
 class _Lane:
     """One shard's queue and in-flight batches on one event loop."""
 
-    __slots__ = ("shard", "queue", "in_flight", "receiver", "flush_due")
+    __slots__ = ("shard", "queue", "in_flight", "receiver", "flush_due", "name", "fenced", "held", "resume")
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
+        #: this lane's name for the shard: after deferring part of a batch the shard defers the
+        #: lane's later batches too (they are already on their way) until the rest comes back
+        #: with ``resume``, so a deferral never lets a caller's later call overtake an earlier one
+        self.name = secrets.token_hex(8)
+        self.fenced = False
+        self.held: list[tuple[Slot, asyncio.Future[Any]]] = []
+        self.resume = False
         self.queue: list[tuple[Slot, asyncio.Future[Any]]] = []
         #: sent batches in send order: (calls, packed commands, the call's ObjectRef)
         self.in_flight: collections.deque[tuple[list[tuple[Slot, asyncio.Future[Any]]], bytes, Any]] = (
@@ -238,6 +288,8 @@ class AsyncLanes:
     def _flush(self, lane: _Lane, redo: Callable[[Request], Any]) -> None:
         """Send what is queued, split over the free in-flight places."""
         lane.flush_due = False
+        if lane.fenced:  # calls were deferred: nothing leaves until they are queued first again
+            return
         link = self.link
         view = link.view
         while lane.queue and len(lane.in_flight) < MAX_IN_FLIGHT:
@@ -245,6 +297,7 @@ class AsyncLanes:
                 break
             free = MAX_IN_FLIGHT - len(lane.in_flight)
             size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
+            size = fits([request_bytes(slot.req) for slot, _ in lane.queue[:size]])
             batch, lane.queue = lane.queue[:size], lane.queue[size:]
             try:
                 packed = pack([slot.req.cmd for slot, _ in batch])
@@ -253,7 +306,9 @@ class AsyncLanes:
                 if not batch:
                     continue
                 packed = pack([slot.req.cmd for slot, _ in batch])
-            lane.in_flight.append((batch, packed, view.shards[lane.shard].run.remote(packed)))
+            args = (packed, lane.name, lane.resume)
+            lane.resume = False
+            lane.in_flight.append((batch, packed, view.shards[lane.shard].run.remote(*args)))
         if lane.receiver is None and (lane.in_flight or lane.queue):
             lane.receiver = asyncio.get_running_loop().create_task(self._receive(lane, redo))
 
@@ -265,14 +320,23 @@ class AsyncLanes:
                     self._flush(lane, redo)
                     continue
                 batch, packed, ref = lane.in_flight[0]
-                await self._await(lane.shard, [slot for slot, _ in batch], packed, ref, redo)
+                slots = [slot for slot, _ in batch]
+                deferred = await self._await(lane.shard, slots, packed, ref, redo, (lane.name, True))
                 lane.in_flight.popleft()
+                if deferred:  # the shard fenced this lane: what follows comes back deferred too
+                    lane.fenced = True
+                    lane.held.extend(batch[len(batch) - len(deferred) :])
                 for slot, fut in batch:
-                    if not fut.done():
+                    if slot.done and not fut.done():
                         if slot.ok:
                             fut.set_result(slot.value)
                         else:
                             fut.set_exception(slot.value)
+                if lane.fenced and not lane.in_flight:  # every deferred call is back: resend, in order
+                    lane.queue = lane.held + lane.queue
+                    lane.held = []
+                    lane.fenced = False
+                    lane.resume = True
                 if lane.queue and not lane.flush_due:
                     self._flush(lane, redo)
         except BaseException as exc:  # cancelled with its loop, or a bug: never leave a caller hanging
@@ -280,8 +344,11 @@ class AsyncLanes:
             for batch, _, _ in lane.in_flight:
                 _resolve_all(batch, error)
             _resolve_all(lane.queue, error)
+            _resolve_all(lane.held, error)
             lane.in_flight.clear()
             lane.queue.clear()
+            lane.held.clear()
+            lane.fenced = False
             raise
         finally:
             lane.receiver = None
@@ -301,13 +368,24 @@ class AsyncLanes:
         self, shard: int, slots: list[Slot], packed: bytes, redo: Callable[[Request], Any]
     ) -> None:
         """Send ``slots`` (``packed``) as one batch now, outside the lanes (bulk calls); settle them."""
-        view = self.link.view or await self.link.refresh_async()
-        await self._await(shard, slots, packed, view.shards[shard].run.remote(packed), redo)
+        while slots:
+            view = self.link.view or await self.link.refresh_async()
+            slots = await self._await(shard, slots, packed, view.shards[shard].run.remote(packed), redo)
+            packed = pack([slot.req.cmd for slot in slots])  # a deferred tail: send it again
 
     async def _await(
-        self, shard: int, slots: list[Slot], packed: bytes, ref: Any, redo: Callable[[Request], Any]
-    ) -> None:
-        """Wait for one batch's answer (resending it while its shard restarts) and settle its slots."""
+        self,
+        shard: int,
+        slots: list[Slot],
+        packed: bytes,
+        ref: Any,
+        redo: Callable[[Request], Any],
+        lane: tuple[str, bool] | None = None,
+    ) -> list[Slot]:
+        """Wait for one batch's answer (resending it while its shard restarts) and settle its slots.
+
+        Returns the slots the shard deferred (a tail of the batch, not settled), to be sent again.
+        """
         from shardstate._client import Backoff
 
         link = self.link
@@ -322,16 +400,27 @@ class AsyncLanes:
                     await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, exc))
                 except StateError as err:
                     _fail(slots, err)
-                    return
+                    return []
                 view = link.view or await link.refresh_async()
-                ref = view.shards[shard].run.remote(packed)
+                ref = view.shards[shard].run.remote(packed, *(lane or ()))
             except (RayError, asyncio.TimeoutError) as exc:
                 _fail(slots, link.unavailable(exc))
-                return
+                return []
+        cut = _deferred_from(results, len(slots))
+        reason = results[cut][1] if cut < len(slots) else None
+        deferred, slots, results = slots[cut:], slots[:cut], results[:cut]
+        if isinstance(reason, ShardLoading):  # wait a little before the deferred calls go again
+            try:
+                await asyncio.sleep(link.wait_for_load(shard, reason))
+            except StateError as err:
+                _fail(deferred, err)
+                deferred = []
+        elif not deferred:
+            link.loading_since.pop(shard, None)
         stale = [
             s
             for s, (ok, p) in zip(slots, results, strict=False)
-            if not ok and isinstance(p, StaleShardMap)
+            if not ok and isinstance(p, (StaleShardMap, ShardLoading))
         ]
         if len(results) != len(slots):
             stale = list(slots)  # the shard could not take the batch whole: each goes on its own
@@ -342,6 +431,19 @@ class AsyncLanes:
                 slot.value, slot.ok = await redo(slot.req), True
             except StateError as exc:
                 slot.value, slot.ok = exc, False
+            except Exception as exc:  # never let one call's failure reach the lane's other callers
+                slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
+        return deferred
+
+
+def _deferred_from(results: Sequence[tuple[bool, Any]], count: int) -> int:
+    """Where the deferred tail of a batch's answer starts (``count``: nothing was deferred)."""
+    if len(results) != count:
+        return count  # one answer for the whole batch: settle() sends each call on its own
+    for index, (ok, payload) in enumerate(results):
+        if not ok and isinstance(payload, Deferred):
+            return index
+    return count
 
 
 def _packs(slot: Slot) -> bool:

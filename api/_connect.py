@@ -59,9 +59,11 @@ def connect(
     Ray. ``shards`` (default 4), ``storage`` (default ``~/.shardstate``; files under
     ``<storage>/<cluster>/``), ``durability`` (``"os"`` default, ``"fsync"``, ``"memory"``),
     ``max_value_size`` (default 16 MiB) and ``op_retention`` (default 24 h) apply when the cluster
-    is created; an existing cluster keeps its own (also across restarts: they are stored with it) and
-    a differing request is reported with a ``ClusterMismatchWarning``. ``timeout`` bounds every call;
-    ``retry_timeout`` bounds retries while a shard restarts (then ``Unavailable``).
+    is created; an existing cluster keeps its own (also across restarts: they are stored in Ray's
+    GCS) and a differing request is reported with a ``ClusterMismatchWarning``. ``timeout`` bounds
+    every call; ``retry_timeout`` bounds retries while a shard restarts or loads (then
+    ``Unavailable``). Attaching never stops a running cluster: if it cannot serve, this raises
+    ``Unavailable`` with the reason and the cluster keeps running.
     """
     settings = _settings(
         shards=shards,
@@ -98,7 +100,8 @@ async def connect_async(
 
 
 def shutdown(cluster: str = DEFAULT_CLUSTER) -> bool:
-    """Stop ``cluster``'s actors (data on disk stays). Returns False if it was not running.
+    """Stop ``cluster``'s actors (data on disk and the cluster's metadata stay: ``connect(cluster)``
+    brings it back as it was). Returns False if it was not running.
 
     Clients of that cluster in this process are closed: their calls raise ``Unavailable``. Clients
     elsewhere get ``Unavailable`` when they next reach a stopped shard.

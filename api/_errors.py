@@ -7,12 +7,16 @@ Every error a caller can see derives from :class:`StateError`::
     │   └── ValueTooLarge         a value (or an update's result) exceeds the cluster's max value size
     ├── UpdateError               an update's op could not apply; carries ``op_index`` and ``code``
     ├── ConflictError             compare-and-set saw another version than expected
+    ├── DecodeError               a value cannot be unpickled in *this* process (its class's module
+    │                             is missing here); the call itself was executed
     └── Unavailable               the cluster cannot be reached, was shut down, or a shard did not
         │                         come back in time (``retriable`` is True)
         ├── StaleShardMap         internal: a shard no longer owns the group's slot; the client
         │                         refreshes its map and retries, callers normally never see it
-        └── ShardLoading          internal: the shard is still loading its storage ("loading, N%");
-                                  the client waits and retries within its own retry timeout
+        └── Deferred              internal: the shard did not run the command (its batch's answer
+            │                     was already large); the client sends it again, in order
+            └── ShardLoading      internal: the shard is still loading its storage ("loading, N%");
+                                  the client waits and sends it again within its retry timeout
 
 A bad call never changes state and never kills an actor: the shard turns it into this call's error.
 Errors cross actor boundaries pickled, so each class keeps its constructor arguments in ``args``
@@ -95,6 +99,14 @@ class ConflictError(StateError):
         return self.message
 
 
+class DecodeError(StateError):
+    """A value the shard returned cannot be unpickled in this process (e.g. ``No module named 'x'``).
+
+    Only the call whose value it is fails; a write was applied all the same (do not retry it with
+    a new op_id). Install the module, or read the value where it can be imported.
+    """
+
+
 class Unavailable(StateError):
     """The state cluster cannot serve the call: unreachable, shut down, or a shard did not recover."""
 
@@ -105,11 +117,18 @@ class StaleShardMap(Unavailable):
     """A shard answered that it does not own the group's slot (the caller's shard map is old)."""
 
 
-class ShardLoading(Unavailable):
+class Deferred(Unavailable):
+    """The shard did not run this command: its batch's answer had reached the size budget.
+
+    Nothing was executed; clients send the deferred commands again, in their order.
+    """
+
+
+class ShardLoading(Deferred):
     """A shard is still loading its storage (the message says how far); nothing was executed.
 
-    Clients wait and send the same batch again (within their ``retry_timeout``), so a slow load
-    delays callers instead of failing them.
+    Clients wait and send the same commands again, in order (within their ``retry_timeout``), so
+    a slow load delays callers instead of failing them.
     """
 
 
@@ -120,7 +139,9 @@ ERROR_CLASSES: tuple[type[StateError], ...] = (
     ValueTooLarge,
     UpdateError,
     ConflictError,
+    DecodeError,
     Unavailable,
     StaleShardMap,
     ShardLoading,
+    Deferred,
 )

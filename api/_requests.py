@@ -9,21 +9,42 @@ from __future__ import annotations
 
 import itertools
 import math
-import uuid
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from shardstate._errors import InvalidInput, StateError
+from shardstate._errors import DecodeError, InvalidInput, StateError
 from shardstate._models import Entry, SetResult, StateItem
 from shardstate.ops import _Op
 from shardstate.shards import commands as C
 from shardstate.shards.engine import AUTO_OP_PREFIX
 from shardstate.shards.update_ops import parse_ops
-from shardstate.shards.validation import check_name, decode_value, encode_value
+from shardstate.shards.validation import check_name, check_writable, decode_value, encode_value
 
-#: automatic op_ids: a per-process random token and a counter (unique without a uuid per call)
-_PROCESS_TOKEN = uuid.uuid4().hex[:16] + ":"
+#: automatic op_ids: ``~<pid>.<random>:<counter>``; the random part is made lazily in each process
+#: (and again in a forked child), so no two processes share one even if forked from a parent that
+#: had one, and the counter makes each call's unique
+_token: tuple[int, str] | None = None
 _op_counter = itertools.count()
+
+
+def _reset_token() -> None:
+    global _token
+    _token = None
+
+
+os.register_at_fork(after_in_child=_reset_token)
+
+
+def auto_op_id() -> str:
+    """A new automatic op_id, unique per process and per call."""
+    global _token
+    pid = os.getpid()
+    token = _token
+    if token is None or token[0] != pid:
+        token = _token = (pid, f"{AUTO_OP_PREFIX}{pid:x}.{secrets.token_hex(8)}:")
+    return f"{token[1]}{next(_op_counter):x}"
 
 
 class Request(NamedTuple):
@@ -32,6 +53,12 @@ class Request(NamedTuple):
     group_id: str
     cmd: C.Command
     decode: Callable[[Any], Any]
+
+
+def request_bytes(req: Request) -> int:
+    """About how many bytes ``req`` adds to a batch (a set's pickled value, plus a little)."""
+    arg = req.cmd[3]
+    return 128 + (len(arg) if isinstance(arg, bytes) else 0)
 
 
 def unwrap(result: C.Result) -> Any:
@@ -44,6 +71,23 @@ def unwrap(result: C.Result) -> Any:
     raise StateError(f"shard returned a malformed error: {payload!r}")
 
 
+def decode_payload(req: Request, payload: Any) -> Any:
+    """``req``'s ok payload as an API value; a value this process cannot unpickle is a
+    :class:`DecodeError` for this call alone (a write was applied all the same)."""
+    try:
+        return req.decode(payload)
+    except StateError:
+        raise
+    except Exception as exc:  # ModuleNotFoundError, AttributeError, ... from unpickling
+        kind, group_id, key = req.cmd[0], req.cmd[1], req.cmd[2]
+        where = repr(group_id) if key is None else f"{group_id!r}/{key!r}"
+        applied = " (the write itself was applied)" if kind in C.WRITES else ""
+        raise DecodeError(
+            f"the result of {kind} {where} cannot be decoded in this process{applied}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
 def _decode_pair(payload: tuple[bytes | None, bytes]) -> SetResult:
     return SetResult(old_value=decode_value(payload[0]), new_value=decode_value(payload[1]))
 
@@ -54,6 +98,30 @@ def _decode_items(payload: list[tuple[str, bytes]]) -> list[StateItem]:
 
 def _decode_values(payload: list[bytes]) -> list[Any]:
     return [decode_value(v) for v in payload]
+
+
+class Page(NamedTuple):
+    """One page of a ``list``/``items`` answer that goes on: the clients fetch the rest."""
+
+    rows: list[Any]
+    group_id: str
+    kind: str
+    next: int
+
+
+def next_page(page: Page) -> Request:
+    """The request for the page after ``page``."""
+    build = items_request if page.kind == C.ITEMS else list_request
+    return build(page.group_id, page.next)
+
+
+def _pager(group_id: str, kind: str, rows: Callable[[Any], list[Any]]) -> Callable[[Any], Any]:
+    def decode(payload: Any) -> Any:
+        if isinstance(payload, tuple):  # (rows, where the next page starts): a large group
+            return Page(rows(payload[0]), group_id, kind, payload[1])
+        return rows(payload)
+
+    return decode
 
 
 def _identity(payload: Any) -> Any:
@@ -71,16 +139,30 @@ def wire_ops(ops: Any) -> list[Any]:
 
 
 def write_options(
-    op_id: str | None = None, ttl: float | None = None, expected_version: int | None = None
+    op_id: str | None = None,
+    ttl: float | None = None,
+    expected_version: int | None = None,
+    *,
+    group_id: str | None = None,
+    system: bool = False,
 ) -> dict[str, Any]:
-    """Check a write's options; give it an automatic op_id (for safe retries) if it has none."""
+    """Check a write's options; give it an automatic op_id (for safe retries) if it has none.
+
+    ``group_id``: the group written to; system groups are refused unless ``system`` (internal).
+    """
+    if system:
+        opts: dict[str, Any] = {"system": True}
+    else:
+        opts = {}
+        if group_id is not None:
+            check_writable(group_id)
     if op_id is None:
-        op_id = f"{AUTO_OP_PREFIX}{_PROCESS_TOKEN}{next(_op_counter):x}"
+        op_id = auto_op_id()
     elif not isinstance(op_id, str) or not op_id or len(op_id) > 256:
         raise InvalidInput(f"op_id must be a non-empty str of at most 256 characters, got {op_id!r}")
     elif op_id.startswith(AUTO_OP_PREFIX):
         raise InvalidInput(f"op_ids starting with {AUTO_OP_PREFIX!r} are reserved for automatic retries")
-    opts: dict[str, Any] = {"op_id": op_id}
+    opts["op_id"] = op_id
     if ttl is not None:
         if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or not math.isfinite(ttl) or ttl <= 0:
             raise InvalidInput(f"ttl must be a positive number of seconds, got {ttl!r}")
@@ -105,11 +187,12 @@ def set_request(
     op_id: str | None = None,
     ttl: float | None = None,
     expected_version: int | None = None,
+    system: bool = False,
 ) -> Request:
     """``set``: the value travels pickled; the result's ``new_value`` is the caller's own object."""
     check_name(group_id, "group_id")
     check_name(key, "key")
-    opts = write_options(op_id, ttl, expected_version)
+    opts = write_options(op_id, ttl, expected_version, group_id=group_id, system=system)
     data = encode_value(value, max_value_size)
 
     def decode(payload: tuple[bytes | None, bytes | None]) -> SetResult:
@@ -142,31 +225,41 @@ def get_request(group_id: str, key: str) -> Request:
 
 
 def delete_request(
-    group_id: str, key: str, *, op_id: str | None = None, expected_version: int | None = None
+    group_id: str,
+    key: str,
+    *,
+    op_id: str | None = None,
+    expected_version: int | None = None,
+    system: bool = False,
 ) -> Request:
     """``delete``: the old value or None."""
     check_name(group_id, "group_id")
     check_name(key, "key")
-    opts = write_options(op_id, None, expected_version)
+    opts = write_options(op_id, None, expected_version, group_id=group_id, system=system)
     return Request(group_id, C.command(C.DELETE, group_id, key, None, opts), decode_value)
 
 
-def list_request(group_id: str) -> Request:
-    """``list``: the group's values in insertion order."""
+def list_request(group_id: str, start: int | None = None) -> Request:
+    """``list``: the group's values in insertion order (from position ``start``: a later page)."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.LIST, group_id), _decode_values)
+    return Request(
+        group_id, C.command(C.LIST, group_id, None, start), _pager(group_id, C.LIST, _decode_values)
+    )
 
 
-def items_request(group_id: str) -> Request:
-    """``items``: the group's ``StateItem``s in insertion order."""
+def items_request(group_id: str, start: int | None = None) -> Request:
+    """``items``: the group's ``StateItem``s in insertion order (from ``start``: a later page)."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.ITEMS, group_id), _decode_items)
+    return Request(
+        group_id, C.command(C.ITEMS, group_id, None, start), _pager(group_id, C.ITEMS, _decode_items)
+    )
 
 
 def clear_request(group_id: str) -> Request:
     """``clear``: how many items were removed."""
     check_name(group_id, "group_id")
-    return Request(group_id, C.command(C.CLEAR, group_id, None, None, write_options()), _identity)
+    opts = write_options(group_id=group_id)
+    return Request(group_id, C.command(C.CLEAR, group_id, None, None, opts), _identity)
 
 
 def update_request(
@@ -181,7 +274,7 @@ def update_request(
     """``update``: ops checked here, applied atomically by the shard."""
     check_name(group_id, "group_id")
     check_name(key, "key")
-    opts = write_options(op_id, ttl, expected_version)
+    opts = write_options(op_id, ttl, expected_version, group_id=group_id)
     return Request(group_id, C.command(C.UPDATE, group_id, key, wire_ops(ops), opts), _decode_pair)
 
 

@@ -18,6 +18,7 @@ import ray
 
 from shardstate._errors import InvalidInput, StateError
 from shardstate._models import DeadLetter, StateEvent, TriggerInfo
+from shardstate._requests import delete_request, set_request
 from shardstate.cluster.delivery import DEFAULT_HANDLER_TIMEOUT
 from shardstate.cluster.slots import slot_of
 from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP, to_state_event
@@ -35,12 +36,12 @@ class WaitTimeout(StateError, TimeoutError):
 
 def system_set(state: StateClient, group_id: str, key: str, value: Any) -> None:
     """Every write a client makes to a system group (the trigger registry) goes through here."""
-    state.set(group_id, key, value)
+    state._run(set_request(group_id, key, value, state._link.max_value_size, system=True))
 
 
 def system_delete(state: StateClient, group_id: str, key: str) -> Any:
     """Every delete a client makes in a system group goes through here; returns the old value."""
-    return state.delete(group_id, key)
+    return state._run(delete_request(group_id, key, system=True))
 
 
 def trigger_record(

@@ -11,7 +11,10 @@ of the same shape, freely mixed::
     ])
 
 A path is a str (one literal first-level field: ``"a.b"`` is the field named ``a.b``; ``""`` is the
-whole value) or a list of str (nested: ``["stats", "done"]``).
+whole value) or a list of str (nested: ``["stats", "done"]``). Missing dicts on the way are created.
+``merge`` and ``append`` walk a path as the iii engine does (a missing or non-dict field on the way
+becomes ``{}``); the other ops raise ``UpdateError`` (``not_object``) on a path through a non-dict.
+If any op fails, nothing is written.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ class SetOp(_Op):
 
 
 class MergeOp(_Op):
-    """Shallow-merge the dict ``value`` into the value, or into the field at ``path``."""
+    """Shallow-merge the dict ``value`` into the value, or into the field at ``path``.
+
+    At a path, every missing or non-dict step (the value itself included) and the target become
+    ``{}`` first, as in the iii engine; a root merge (no path) needs the value to be a dict.
+    """
 
     type: Literal["merge"] = "merge"
     path: Path | None = None
@@ -64,7 +71,12 @@ class DecrementOp(_Op):
 
 
 class AppendOp(_Op):
-    """Push ``value`` onto the list at ``path`` (or concatenate strings); missing: ``[value]``."""
+    """Push ``value`` onto the list at ``path``, or concatenate a str to a str.
+
+    A missing or ``None`` target starts as ``value`` itself if it is a str, else ``[value]``; at a
+    nested path (two fields or more) a missing leaf always starts ``[value]``. Missing or non-dict
+    fields on the way become ``{}``; the value itself must be a dict when ``path`` is not empty.
+    """
 
     type: Literal["append"] = "append"
     path: Path | None = None
@@ -72,7 +84,7 @@ class AppendOp(_Op):
 
 
 class RemoveOp(_Op):
-    """Remove the field at ``path``; a missing field is a no-op."""
+    """Remove the field at ``path``; a missing field is a no-op; ``""``/``[]``: the value becomes None."""
 
     type: Literal["remove"] = "remove"
     path: Path
@@ -97,7 +109,7 @@ def set(path: Path, value: Any) -> SetOp:  # noqa: A001 - mirrors the wire name
 
 
 def merge(path: Path | None, value: dict[str, Any]) -> MergeOp:
-    """``{"type": "merge", "path": path, "value": value}`` (path None: the whole value)."""
+    """``{"type": "merge", "path": path, "value": value}`` (path None: the whole value); see MergeOp."""
     return MergeOp(path=path, value=value)
 
 
@@ -112,12 +124,12 @@ def decrement(path: Path, by: int | float = 1) -> DecrementOp:
 
 
 def append(path: Path | None, value: Any) -> AppendOp:
-    """``{"type": "append", "path": path, "value": value}`` (path None: the whole value)."""
+    """``{"type": "append", "path": path, "value": value}`` (path None: the whole value); see AppendOp."""
     return AppendOp(path=path, value=value)
 
 
 def remove(path: Path) -> RemoveOp:
-    """``{"type": "remove", "path": path}``."""
+    """``{"type": "remove", "path": path}`` (``""``/``[]``: the value becomes None)."""
     return RemoveOp(path=path)
 
 

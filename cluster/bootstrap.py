@@ -8,6 +8,7 @@ namespace, detached, so they outlive the driver that created them.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from typing import Any
 
@@ -50,8 +51,14 @@ def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[
     Returns ``(router handle, the cluster's actual settings)``. Settings the caller gave that differ
     from an existing cluster's are reported with a :class:`ClusterMismatchWarning`; the existing
     cluster keeps its own.
+
+    Only the call that created the cluster (its random token reached the router first) cleans up
+    a failed start (kills the router and shards it made); a call that attaches to a running
+    cluster never kills anything: it raises :class:`Unavailable` and the cluster keeps running.
+    Shards still loading their storage are no failure (they answer "loading, N%" meanwhile).
     """
     config = ClusterConfig(**requested)  # checks the values even when attaching
+    token = uuid.uuid4().hex
     try:
         router = router_actor_class.options(
             name=config.router_name(),
@@ -59,11 +66,22 @@ def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[
             lifetime="detached",
             get_if_exists=True,
             max_restarts=-1,
-        ).remote(config.to_dict())
-        actual: dict[str, Any] = ray.get(router.ready.remote(), timeout=timeout)
-    except Exception as exc:
-        _discard(config)  # a half-started cluster must not be attached to later
-        raise Unavailable(f"state cluster {config.name!r} did not start: {_reason(exc)}") from exc
+        ).remote(config.to_dict(), token)
+        answer: dict[str, Any] = ray.get(
+            router.ready.remote(token, limit=max(timeout * 0.8, 1.0)), timeout=timeout
+        )
+    except Exception as exc:  # no answer: leave the cluster alone (it may be restarting)
+        raise Unavailable(f"state cluster {config.name!r} did not answer: {_reason(exc)}") from exc
+    if answer["errors"]:
+        problems = "; ".join(answer["errors"])
+        if answer["created"]:
+            _discard(ClusterConfig(**answer["settings"]))  # our own half-start: nobody else may attach to it
+            raise Unavailable(f"state cluster {config.name!r} did not start: {problems}")
+        raise Unavailable(
+            f"state cluster {config.name!r} is running but cannot serve: {problems} (it keeps running; "
+            f"after fixing the cause, shardstate.shutdown({config.name!r}) and connect again)"
+        )
+    actual: dict[str, Any] = answer["settings"]
     for field, value in requested.items():
         if actual.get(field) != value:
             warnings.warn(
@@ -99,7 +117,8 @@ def cluster_settings(router: Any, timeout: float = 120.0) -> dict[str, Any]:
 
 def _discard(config: ClusterConfig) -> None:
     """Kill whatever actors a failed start left behind (router and shards), ignoring errors."""
-    names = [config.router_name()] + [config.shard_name(i) for i in range(config.shards)]
+    names = [config.router_name(), config.subscriber_name(0)]
+    names += [config.shard_name(i) for i in range(config.shards)]
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)

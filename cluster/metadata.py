@@ -5,13 +5,21 @@ cluster must know to restart correctly lives here, keyed by cluster name, instea
 node. Values are small JSON documents; only shardstate's own actors and clients read or write them,
 and Ray's token authentication guards the GCS.
 
-Keys (namespace :data:`KV_NAMESPACE`): ``<cluster>/<name>``, e.g. ``etl/config``, ``etl/shard/3``,
-``etl/triggers``.
+Keys (namespace :data:`KV_NAMESPACE`): ``<cluster>/<name>``:
+
+- ``<cluster>/cluster``: ``{"id": <random hex, made with the cluster>, "config": {...settings}}``
+- ``<cluster>/shard/<i>``: where shard ``i`` last opened its storage: ``{"node_id", "node_ip", "path"}``
+  (``path`` None for memory shards); a shard with a record must find its file again
+- ``<cluster>/shard/<i>/incarnation``: how many times shard ``i`` started (memory shards start their
+  event seqs above it; SQLite files carry it too, so an older copy of a file is refused)
+- ``<cluster>/triggers``: whether any trigger is registered
+- ``<cluster>/shard/<i>/hold``: test/operator switch: a shard holds its load while it is true
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from ray.experimental import internal_kv
@@ -42,15 +50,79 @@ def forget(cluster: str) -> int:
     return int(internal_kv._internal_kv_del(_key(cluster, ""), del_by_prefix=True, namespace=KV_NAMESPACE))
 
 
+def create(
+    cluster: str, config: dict[str, Any], cluster_id: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """The cluster's record, creating it (with a new random id) if there is none.
+
+    Atomic in the GCS (put-if-absent): of two creators, both get the record of the one that won.
+    Returns ``(record, created)``.
+    """
+    record = {"id": cluster_id or uuid.uuid4().hex, "config": config}
+    existed = internal_kv._internal_kv_put(  # returns whether the key was there already
+        _key(cluster, "cluster"), json.dumps(record).encode(), overwrite=False, namespace=KV_NAMESPACE
+    )
+    if not existed:
+        return record, True
+    return read(cluster, "cluster"), False
+
+
+def cluster_record(cluster: str) -> dict[str, Any] | None:
+    """``{"id", "config"}`` of ``cluster``, or None if the GCS knows no such cluster."""
+    record = read(cluster, "cluster")
+    return record if isinstance(record, dict) else None
+
+
+def shard_record(cluster: str, shard: int) -> dict[str, Any] | None:
+    """Where shard ``shard`` last opened its storage (``node_id``, ``node_ip``, ``path``), or None."""
+    record = read(cluster, f"shard/{shard}")
+    return record if isinstance(record, dict) else None
+
+
+def record_shard(
+    cluster: str, shard: int, node_id: str | None, node_ip: str | None, path: str | None
+) -> None:
+    """Record where shard ``shard`` keeps its storage (the shard writes this once it opened it)."""
+    write(cluster, f"shard/{shard}", {"node_id": node_id, "node_ip": node_ip, "path": path})
+
+
+def forget_settings(cluster: str) -> None:
+    """Drop the cluster's record and placement, keep incarnations (a memory cluster's shutdown)."""
+    internal_kv._internal_kv_del(_key(cluster, "cluster"), namespace=KV_NAMESPACE)
+    for raw in internal_kv._internal_kv_list(_key(cluster, "shard/"), namespace=KV_NAMESPACE):
+        name = raw.decode()
+        if not name.endswith("/incarnation"):
+            internal_kv._internal_kv_del(raw, namespace=KV_NAMESPACE)
+
+
+def incarnation(cluster: str, shard: int) -> int:
+    """How many times shard ``shard`` started so far (0: never)."""
+    return int(read(cluster, f"shard/{shard}/incarnation") or 0)
+
+
+def record_incarnation(cluster: str, shard: int, count: int) -> None:
+    """Record that shard ``shard`` is now in start number ``count``."""
+    write(cluster, f"shard/{shard}/incarnation", int(count))
+
+
+def hold_loading(cluster: str, shard: int, hold: bool) -> None:
+    """Make shard ``shard`` hold its next load before reading rows (tests, operators), or release it."""
+    write(cluster, f"shard/{shard}/hold", bool(hold))
+
+
+def load_held(cluster: str, shard: int) -> bool:
+    """Whether shard ``shard`` should hold its load (see :func:`hold_loading`)."""
+    return bool(read(cluster, f"shard/{shard}/hold"))
+
+
 def next_incarnation(cluster: str, shard: int) -> int:
     """Count one more start of shard ``shard`` and return the new count (1 on the first start).
 
     Only one process runs a given shard at a time (Ray restarts an actor after its process is gone),
     so a read-then-write is enough.
     """
-    name = f"shard/{shard}/incarnation"
-    count = int(read(cluster, name) or 0) + 1
-    write(cluster, name, count)
+    count = incarnation(cluster, shard) + 1
+    record_incarnation(cluster, shard, count)
     return count
 
 

@@ -12,11 +12,13 @@ import asyncio
 import builtins
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardstate._models import SetResult, StateItem
@@ -33,7 +35,9 @@ from shardstate._requests import (
     unwrap,
     update_request,
 )
+from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
+from shardstate.cluster.placement import place_shard
 from shardstate.cluster.slots import SlotMap
 from shardstate.cluster.subscriber import subscriber_actor_class
 from shardstate.shards.actor import SWEEP_INTERVAL, shard_actor_class
@@ -42,31 +46,50 @@ from shardstate.shards.storage import StorageError
 MANIFEST = "cluster.json"
 #: subscriber actors per cluster (each follows every SUBSCRIBERS-th shard)
 SUBSCRIBERS = 1
+#: seconds ``ready()`` waits for the shards to finish loading before it answers anyway (a shard
+#: still loading then answers "loading, N%" and clients wait for it)
+READY_WAIT = 5.0
 
 
 class RouterActor:
     """Creates (or re-attaches to) a cluster's shard actors and holds the versioned slot map.
 
-    With durable storage the router keeps a manifest (``<storage>/<cluster>/cluster.json``: the
-    settings and which node holds each shard's file). A re-created cluster reads it: its settings
-    win over the requested ones, each shard is pinned to the node that has its file, and a shard
-    whose file is gone fails to start with a clear error instead of coming up empty.
+    The cluster's metadata lives in Ray's GCS (:mod:`shardstate.cluster.metadata`): its settings and
+    id (made with the cluster), and per shard the node (id and IP) and file it keeps its data in. A
+    re-created cluster reads it: its settings win over the requested ones, each shard is pinned to
+    the node that has its file, and a shard whose file is gone, or is another cluster's, fails to
+    start with a clear error instead of coming up empty or wrong. The router also mirrors the
+    metadata to ``<storage>/<cluster>/cluster.json`` on its node, read only when the GCS knows
+    nothing of the cluster (a cluster made by an older shardstate, or a fresh Ray instance without
+    GCS fault tolerance).
+
+    ``token``: the creating call's random token; ``ready(token)`` tells that caller it created
+    the cluster (only it may clean up a failed start). The constructor never raises: a start-up
+    error is kept and reported by ``ready()``.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        requested = ClusterConfig(**config)
-        self.manifest_path: Path | None = None
-        manifest: dict[str, Any] | None = None
-        if requested.durability != "memory":
-            self.manifest_path = Path(os.path.expanduser(requested.directory())) / MANIFEST
-            manifest = _read_manifest(self.manifest_path)
-        if manifest is not None:
-            kept = {k: v for k, v in manifest["config"].items() if k not in ("name", "storage")}
-            requested = ClusterConfig(**{**requested.to_dict(), **kept})
-        self.config = requested
+    def __init__(self, config: dict[str, Any], token: str | None = None) -> None:
+        self.token = token
+        self.config = ClusterConfig(**config)
+        self.cluster_id: str | None = None
         self.map = SlotMap.initial(self.config.shards)
-        self.nodes = _place(self.config.shards, manifest)
-        self.shards = [self._start_shard(i, manifest is not None) for i in range(self.config.shards)]
+        self.shards: builtins.list[Any] = []
+        self.subscribers: builtins.list[Any] = []
+        self.start_error: str | None = None
+        try:
+            self._start(self.config)
+        except Exception as exc:  # reported by ready(); the caller that created us cleans up
+            self.start_error = f"{type(exc).__name__}: {exc}"
+
+    def _start(self, requested: ClusterConfig) -> None:
+        record, migrated = _cluster_record(requested)
+        self.cluster_id = record["id"]
+        self.config = ClusterConfig(**{**record["config"], "name": requested.name})
+        self.map = SlotMap.initial(self.config.shards)
+        self.manifest_path: Path | None = None
+        if self.config.durability != "memory":
+            self.manifest_path = Path(os.path.expanduser(self.config.directory())) / MANIFEST
+        self.shards = [self._shard(i, migrated) for i in range(self.config.shards)]
         self.subscribers = [
             subscriber_actor_class.options(
                 name=self.config.subscriber_name(i),
@@ -77,38 +100,110 @@ class RouterActor:
             for i in range(SUBSCRIBERS)
         ]
 
-    def _start_shard(self, index: int, must_exist: bool) -> Any:
+    def _shard(self, index: int, migrated: dict[str, Any] | None) -> Any:
+        """Shard ``index``'s actor: the running one (a restarted router), or a new one placed where
+        its data is."""
         cfg = self.config
-        node_id, _ip = self.nodes[index]
+        try:
+            return ray.get_actor(cfg.shard_name(index), namespace=NAMESPACE)
+        except ValueError:
+            pass
+        durable = cfg.durability != "memory"
+        known = metadata.shard_record(cfg.name, index) if durable else None
+        if known is None and migrated is not None:
+            ip = migrated.get("placement", {}).get(str(index))
+            known = {"node_id": None, "node_ip": ip} if ip else None
+        node_id, _ip = place_shard(index, known, _alive_nodes())
         return shard_actor_class.options(
             name=cfg.shard_name(index),
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=cfg.durability == "memory"),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=not durable),
         ).remote(
             cfg.name,
             index,
             self.map.slots_of(index),
             self.map.epoch,
             cfg.max_value_size,
-            None if cfg.durability == "memory" else cfg.directory(),
+            cfg.directory() if durable else None,
             cfg.durability,
-            must_exist,
+            migrated is not None,  # a cluster of an older shardstate: every shard had a file
             cfg.op_retention,
             SWEEP_INTERVAL,
             cfg.subscriber_name(index % SUBSCRIBERS),
+            self.cluster_id,
         )
 
     # -- cluster management -------------------------------------------------------------------
-    async def ready(self) -> dict[str, Any]:
-        """Wait until every shard answers, record the manifest; return the cluster's settings."""
-        await asyncio.gather(*(s.ping.remote() for s in self.shards))
-        if self.manifest_path is not None:
-            _write_manifest(self.manifest_path, self.config, self.nodes)
-        for sub in self.subscribers:
-            sub.ensure_running.remote()  # starts the pumps (they pick up unacknowledged events)
-        return self.config.to_dict()
+    async def ready(
+        self, token: str | None = None, wait: float = READY_WAIT, limit: float = 100.0
+    ) -> dict[str, Any]:
+        """Wait until every shard opened its storage (and up to ``wait`` s until it loaded it).
+
+        Returns ``{"settings", "created", "errors"}``: ``created`` is True only for the caller that
+        created this cluster (``token`` matches); ``errors`` says which shards cannot start and why
+        (also a shard that did not answer within ``limit`` s, e.g. pinned to a node that is gone).
+        Shards still loading are no error: they answer "loading, N%" until they are done.
+        """
+        if self.start_error is not None:
+            return self._answer(token, [f"state cluster {self.config.name!r}: {self.start_error}"])
+        started = time.monotonic()
+        pending = dict(enumerate(self.shards))
+        errors: builtins.list[str] = []
+        while pending:
+            elapsed = time.monotonic() - started
+            if elapsed > limit:
+                late = (f"shard {i} did not answer within {limit:.0f}s{self._where(i)}" for i in pending)
+                errors.extend(late)
+                break
+            statuses = await asyncio.gather(*(_status(s, limit - elapsed) for s in pending.values()))
+            for index, status in zip(builtins.list(pending), statuses, strict=True):
+                phase = status["phase"]
+                if phase == "failed":
+                    errors.append(f"shard {index}: {status['error']}")
+                if phase in ("failed", "ready") or (phase == "loading" and elapsed > wait):
+                    del pending[index]
+            if pending:
+                await asyncio.sleep(0.02)
+        if not errors:
+            self._write_manifest()
+            for sub in self.subscribers:
+                sub.ensure_running.remote()  # starts the pumps (they pick up unacknowledged events)
+        return self._answer(token, errors)
+
+    def _where(self, index: int) -> str:
+        record = metadata.shard_record(self.config.name, index)
+        if record is None:
+            return ""
+        return f" (its data is on node {record.get('node_id')} ({record.get('node_ip')}))"
+
+    def _answer(self, token: str | None, errors: builtins.list[str]) -> dict[str, Any]:
+        created = token is not None and token == self.token
+        return {"settings": self.config.to_dict(), "created": created, "errors": errors}
+
+    def _write_manifest(self) -> None:
+        """Mirror the cluster's metadata to ``cluster.json`` on this node (for a GCS that lost it)."""
+        if self.manifest_path is None:
+            return
+        placement = {str(i): metadata.shard_record(self.config.name, i) for i in range(self.config.shards)}
+        body = {"id": self.cluster_id, "config": self.config.to_dict(), "placement": placement}
+        try:
+            self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.manifest_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(body, indent=2))
+            os.replace(tmp, self.manifest_path)
+        except OSError:  # a mirror only: the GCS holds the truth
+            pass
+
+    def info(self) -> dict[str, Any]:
+        """The router's process, the cluster's id and settings (for operators and tests)."""
+        return {
+            "pid": os.getpid(),
+            "cluster_id": self.cluster_id,
+            "settings": self.config.to_dict(),
+            "start_error": self.start_error,
+        }
 
     def settings(self) -> dict[str, Any]:
         """The cluster's settings (without waiting for the shards)."""
@@ -123,9 +218,15 @@ class RouterActor:
         return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
 
     def shutdown(self) -> int:
-        """Stop every shard and subscriber actor; return how many shards were stopped."""
+        """Stop every shard and subscriber actor; return how many shards were stopped.
+
+        The metadata stays (the cluster can be created again and finds its files), except a memory
+        cluster's settings: it has no data to come back to (its incarnations stay, so event ids
+        never repeat)."""
         for actor in [*self.subscribers, *self.shards]:
             ray.kill(actor, no_restart=True)
+        if self.config.durability == "memory":
+            metadata.forget_settings(self.config.name)
         return len(self.shards)
 
     async def subscribers_ready(self) -> list[int]:
@@ -181,6 +282,35 @@ class RouterActor:
 router_actor_class = ray.remote(num_cpus=0)(RouterActor)
 
 
+def _cluster_record(requested: ClusterConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The cluster's metadata record, made on first start; and the manifest it came from, if any.
+
+    The GCS holds the truth. If it knows nothing of the cluster, a ``cluster.json`` in the storage
+    directory (an older shardstate's manifest, or this one's mirror after a fresh Ray instance) is
+    read once and moved into the GCS; else the cluster is new.
+    """
+    record = metadata.cluster_record(requested.name)
+    if record is not None:
+        return record, None
+    manifest = None
+    if requested.durability != "memory":
+        manifest = _read_manifest(Path(os.path.expanduser(requested.directory())) / MANIFEST)
+    if manifest is None:
+        return metadata.create(requested.name, requested.to_dict())[0], None
+    kept = {k: v for k, v in manifest["config"].items() if k not in ("name", "storage")}
+    config = {**requested.to_dict(), **kept}
+    record, created = metadata.create(requested.name, config, manifest.get("id"))
+    if created and isinstance(manifest.get("placement"), dict):
+        for index, where in manifest["placement"].items():
+            if isinstance(where, dict) and where.get("path"):  # this version's mirror: files stamped
+                metadata.record_shard(
+                    requested.name, int(index), where.get("node_id"), where.get("node_ip"), where["path"]
+                )
+    if manifest.get("id") is not None:
+        return record, None  # a mirror of this version: the shards' records say what must exist
+    return record, manifest
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
@@ -192,34 +322,14 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         raise StorageError(f"cluster manifest {path} is unreadable: {exc}") from None
 
 
-def _write_manifest(path: Path, config: ClusterConfig, nodes: list[tuple[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    body = {"config": config.to_dict(), "placement": {str(i): ip for i, (_, ip) in enumerate(nodes)}}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, indent=2))
-    os.replace(tmp, path)
+async def _status(shard: Any, timeout: float) -> dict[str, Any]:
+    """A shard's ``status()``; ``{"phase": "restarting"}`` if it died meanwhile or did not answer."""
+    try:
+        return await asyncio.wait_for(shard.status.remote(), max(timeout, 0.01))  # type: ignore[no-any-return]
+    except (asyncio.TimeoutError, RayActorError):
+        return {"phase": "restarting"}
 
 
-def _place(num_shards: int, manifest: dict[str, Any] | None) -> list[tuple[str, str]]:
-    """``(node_id, node_ip)`` per shard: where its file is, or spread over the alive nodes."""
-    alive = sorted((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive"))
-    if not alive:
-        raise StorageError("no alive Ray node to place shards on")
-    placement = (manifest or {}).get("placement", {})
-    nodes = []
-    for index in range(num_shards):
-        ip = placement.get(str(index))
-        if ip is None:
-            nodes.append(alive[index % len(alive)])
-            continue
-        match = [n for n in alive if n[1] == ip]
-        if match:
-            nodes.append(match[0])
-        elif len(alive) == 1:  # a one-node cluster whose address changed: the file is here
-            nodes.append(alive[0])
-        else:
-            raise StorageError(
-                f"shard {index} keeps its data on node {ip}, which is not in the Ray cluster; "
-                "bring that node back (or restore its shard file on another node and edit the manifest)"
-            )
-    return nodes
+def _alive_nodes() -> builtins.list[tuple[str, str]]:
+    """``(node id, node IP)`` of every alive Ray node, sorted."""
+    return sorted((n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive"))

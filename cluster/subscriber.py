@@ -42,6 +42,7 @@ from ray.exceptions import RayActorError
 
 from shardstate._errors import StateError, Unavailable
 from shardstate._models import StateEvent
+from shardstate._requests import set_request
 from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.delivery import (
@@ -116,7 +117,7 @@ def _selected(specs: list[dict[str, Any]], record: Event) -> bool:
 
 async def system_set(state: Any, group_id: str, key: str, value: Any) -> None:
     """Every write the subscriber makes to a system group (dead letters) goes through here."""
-    await state.set(group_id, key, value)
+    await state._run(set_request(group_id, key, value, state._link.max_value_size, system=True))
 
 
 def handler_timeout(spec: dict[str, Any]) -> float | None:

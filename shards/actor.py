@@ -4,9 +4,17 @@ Written as a plain class and made remote at the edge (``shard_actor_class``). It
 with ``max_concurrency=1``: Ray then executes its calls one at a time and keeps each caller's order,
 so the actor itself is the serialization point of every group it owns and needs no locks.
 
+Start-up: ``__init__`` returns at once (after at most :data:`INIT_GRACE` seconds) and the shard loads
+its storage in a background thread; until it is done every command is answered with
+:class:`ShardLoading` ("shard N loading, 42%"), so a big file delays callers (who wait and retry)
+instead of failing them or the cluster's start. A storage file that does not belong to this shard
+(another cluster's, another shard's, an older copy) or is missing is refused: the shard then answers
+:class:`Unavailable` with the reason, and ``info()`` says it too.
+
 Per batch: the engine executes the commands, storage commits what they changed in one transaction,
-and only then does the actor answer, so an acknowledged write is durable. If a commit fails the
-process exits: memory would be ahead of disk, and Ray restarts the shard from its file instead.
+and only then does the actor answer, so an acknowledged write is durable. If a commit fails (a full
+disk), the batch is answered :class:`Unavailable`, the engine is rebuilt from storage (memory never
+runs ahead of disk) and the shard stays up read-only until a probe commit works again.
 """
 
 from __future__ import annotations
@@ -17,25 +25,33 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import ray
 
-from shardstate._errors import InvalidInput
+from shardstate._errors import InvalidInput, ShardLoading, Unavailable
 from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE
 from shardstate.cluster.slots import slot_of
-from shardstate.shards.commands import Result
+from shardstate.shards.commands import WRITES, Result
 from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
 from shardstate.shards.records import Event
-from shardstate.shards.storage import open_storage
+from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
+#: The largest packed batch a shard unpickles (clients split theirs far below this).
+MAX_FRAME_BYTES = 512 * 1024 * 1024
 #: Seconds the notifier waits after a commit before pushing its events to the subscriber.
 NOTIFY_DELAY = 0.01
+#: Seconds ``__init__`` waits for the background load (a small shard answers its first call loaded)
+INIT_GRACE = 1.0
+#: A memory shard's event seqs start at ``incarnation << SEQ_BITS`` (unique across restarts).
+SEQ_BITS = 40
+#: The phases of a shard's start-up (``status()``, ``info()["phase"]``)
+OPENING, LOADING, READY, FAILED = "opening", "loading", "ready", "failed"
 
 
 class ShardActor:
@@ -54,58 +70,221 @@ class ShardActor:
         op_retention: float = DEFAULT_OP_RETENTION,
         sweep_interval: float = SWEEP_INTERVAL,
         subscriber_name: str | None = None,
+        cluster_id: str | None = None,
     ) -> None:
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         self.cluster = cluster
         self.index = index
         self.epoch = epoch
         self.slots = frozenset(slots)
-        restarted = _was_restarted()
-        self.storage = open_storage(
-            None if directory is None else os.path.expanduser(directory),
-            index,
-            durability,
-            must_exist=must_exist or restarted,
-        )
-        self.engine = ShardEngine(
-            owns=self._owns,
-            max_value_size=max_value_size,
-            op_retention=op_retention,
-            fetch_op=self.storage.fetch_op,
-        )
-        self.engine.load(self.storage.load())
-        self.engine.sweep()
-        self.engine.set_durable_events(_triggers_listen(cluster))
-        self._commit()
+        self.max_value_size = max_value_size
+        self.op_retention = op_retention
+        self.directory = None if directory is None else os.path.expanduser(directory)
         self.durability = durability
+        self.must_exist = must_exist
+        self.sweep_interval = sweep_interval
+        #: the cluster's id in its metadata (None: a shard used on its own, no metadata checks)
+        self.cluster_id = cluster_id
+        self.incarnation = 0
+        self.restarted = _was_restarted()
         self.batches = 0
         self.commands = 0
         self.subscriber_name = subscriber_name or f"{cluster}:subscriber:0"
         self._subscriber: Any = None
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
+        # -- loading (a background thread fills these; calls read them) ---------------------------
+        self.phase = OPENING
+        self.load_error: str | None = None
+        self.load_seconds = 0.0
+        self._rows_loaded = 0
+        self._rows_total = 0
+        self._seq_hint = 0
+        #: what the subscriber asked for while the shard was loading (applied once loaded)
+        self._durable_wish: bool | None = None
+        self._wish_lock = threading.Lock()
+        #: client lanes answered "loading": fenced in the engine once it is loaded
+        self._loading_lanes: set[str] = set()
+        self.storage: Storage = MemoryStorage()
+        self.engine = self._new_engine(None)  # a placeholder until the stored state is loaded
+        # -- storage health ---------------------------------------------------------------------
+        self.storage_ok = True
+        self.storage_error: str | None = None
+        loader = threading.Thread(target=self._load, daemon=True, name=f"shard-{index}-load")
+        loader.start()
+        loader.join(INIT_GRACE)  # a small shard is ready before its first call; a big one loads on
+
+    # -- loading ------------------------------------------------------------------------------
+    def _new_engine(self, storage: Storage | None) -> ShardEngine:
+        return ShardEngine(
+            owns=self._owns,
+            max_value_size=self.max_value_size,
+            op_retention=self.op_retention,
+            fetch_op=None if storage is None or self.durability == "memory" else storage.fetch_op,
+        )
+
+    def _load(self) -> None:
+        """Open and check the storage, then load it into a new engine (the background thread)."""
+        try:
+            self.storage = self._open_storage()
+            self.phase = LOADING
+            self._hold_if_asked()
+            if isinstance(self.storage, SqliteStorage):
+                self.storage.check()
+            self._rows_total = self.storage.count_entries()
+            engine = self._engine_from_storage()
+            engine.set_durable_events(self._initial_durable_events())
+            engine.sweep()
+            with self._wish_lock:  # a wish sent while loading is applied here, or sees READY
+                if self._durable_wish is not None:
+                    engine.set_durable_events(self._durable_wish)
+                self.engine = engine
+                self._commit()
+                self.load_seconds = time.perf_counter() - self._started
+                self.phase = READY
+        except BaseException as exc:  # the shard stays up and says why (info(), every answer)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.phase = FAILED
+            print(f"shardstate shard {self.index}: cannot load: {self.load_error}", file=sys.stderr)
+            return
         threading.Thread(target=self._notifier, daemon=True).start()
-        self.restarted = restarted
-        self.load_seconds = time.perf_counter() - started
-        if sweep_interval > 0:
-            threading.Thread(target=self._sweeper, args=(sweep_interval,), daemon=True).start()
+        if self.sweep_interval > 0:
+            threading.Thread(target=self._sweeper, args=(self.sweep_interval,), daemon=True).start()
+
+    def _initial_durable_events(self) -> bool:
+        """Whether the loaded engine keeps events durably at first: a trigger is registered (the
+        cluster metadata, kept current by the subscriber), or that is unknown (not recorded yet,
+        metadata unreachable). Without a trigger the loaded events count as acknowledged."""
+        try:
+            return metadata.read(self.cluster, "triggers") is not False
+        except Exception:
+            return True
+
+    def _open_storage(self) -> Storage:
+        """Open this shard's storage and check it belongs here (cluster id, shard, start count)."""
+        known = self.cluster_id is not None
+        if self.durability == "memory" or self.directory is None:
+            # event seqs start above every earlier start's: event ids never repeat
+            self.incarnation = metadata.next_incarnation(self.cluster, self.index) if known else 0
+            storage: Storage = open_storage(None, self.index, "memory", seq_base=self.incarnation << SEQ_BITS)
+            self._record_placement(None)
+            return storage
+        record = metadata.shard_record(self.cluster, self.index) if known else None
+        stamped = record is not None and record.get("path") is not None
+        sqlite = SqliteStorage(
+            shard_path(self.directory, self.index),
+            self.durability,
+            self.must_exist or self.restarted or stamped,
+            check=False,
+            missing_hint=_where_it_was(record, self.index),
+        )
+        if self.cluster_id is not None:
+            known_count = metadata.incarnation(self.cluster, self.index)
+            self.incarnation = sqlite.claim(self.cluster_id, self.index, known_count, stamped)
+            metadata.record_incarnation(self.cluster, self.index, self.incarnation)
+        self._record_placement(str(sqlite.path))
+        return sqlite
+
+    def _record_placement(self, path: str | None) -> None:
+        if self.cluster_id is None:
+            return
+        node_id, node_ip = _node()
+        metadata.record_shard(self.cluster, self.index, node_id, node_ip, path)
+
+    def _hold_if_asked(self) -> None:
+        """Wait while the cluster metadata asks this shard to hold its load (tests, operators)."""
+        while self.cluster_id is not None and metadata.load_held(self.cluster, self.index):
+            time.sleep(0.05)
+
+    def _engine_from_storage(self) -> ShardEngine:
+        """A new engine holding exactly what storage holds (counts rows for the load progress)."""
+        loaded = self.storage.load()
+        self._seq_hint = loaded.seq
+        self._rows_loaded = 0
+        loaded.entries = self._counted(loaded.entries)
+        engine = self._new_engine(self.storage)
+        engine.load(loaded)
+        return engine
+
+    def _counted(self, rows: Iterable[Any]) -> Iterator[Any]:
+        for n, row in enumerate(rows, 1):
+            if not n & 4095:
+                self._rows_loaded = n
+            yield row
+
+    def _not_ready(self) -> Unavailable:
+        """The answer to every command while the shard cannot serve (loading, or failed to)."""
+        if self.phase == FAILED:
+            return Unavailable(f"shard {self.index} cannot load its storage: {self.load_error}")
+        total = self._rows_total
+        percent = 100 * self._rows_loaded // total if total else 0
+        return ShardLoading(f"shard {self.index} loading, {min(percent, 99)}%")
+
+    def status(self) -> dict[str, Any]:
+        """``{"phase", "error"}``: opening, loading, ready or failed (the router waits on this)."""
+        return {"index": self.index, "phase": self.phase, "error": self.load_error}
 
     def _owns(self, group_id: str) -> bool:
         return slot_of(group_id) in self.slots
 
-    def _commit(self) -> None:
-        """Commit what the engine changed; then push the new events to the subscriber."""
+    # -- committing, and a failing storage ----------------------------------------------------
+    def _commit(self) -> bool:
+        """Commit what the engine changed, then push the new events to the subscriber.
+
+        Returns False if storage failed (the shard is then read-only; see :meth:`_storage_failed`)
+        or is failing (changes stay pending in the engine until a probe commit works).
+        """
+        if not self.storage_ok:
+            return False
         changes = self.engine.take_changes()
         if not changes:
-            return
+            return True
         try:
             self.storage.commit(changes)
-        except BaseException as exc:  # memory is now ahead of disk: restart from disk instead
-            print(f"shardstate shard {self.index}: commit failed, restarting: {exc!r}", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(70)
+        except Exception as exc:
+            self._storage_failed(exc)
+            return False
         if changes.events:
             self._notify(changes.events)
+        return True
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        """A commit failed: rebuild the engine from storage (memory must not run ahead of disk) and
+        stay read-only until a probe commit works. If storage cannot even be read, restart from it."""
+        self.storage_ok = False
+        self.storage_error = f"{type(exc).__name__}: {exc}"
+        print(f"shardstate shard {self.index}: commit failed: {self.storage_error}", file=sys.stderr)
+        durable = self.engine.durable_events
+        try:
+            engine = self._engine_from_storage()
+        except BaseException as again:
+            print(f"shardstate shard {self.index}: cannot reload, restarting: {again!r}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(70)
+        engine.durable_events = durable
+        self.engine = engine
+
+    def _read_only_error(self) -> Unavailable:
+        return Unavailable(
+            f"shard {self.index} storage is failing: {self.storage_error} (read-only until it recovers)"
+        )
+
+    def _probe_storage(self) -> None:
+        """Read-only: try a small commit; if it works, writes are accepted again."""
+        try:
+            self.storage.probe()
+        except Exception as exc:
+            self.storage_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.storage_ok = True
+        print(f"shardstate shard {self.index}: storage works again", file=sys.stderr)
+
+    def limit_storage_pages(self, extra: int | None) -> int:
+        """Test hook (shardstate never calls it): make the shard's SQLite file "full" after ``extra``
+        more pages (None lifts the cap), to exercise a failing storage for real."""
+        if not isinstance(self.storage, SqliteStorage):
+            raise InvalidInput("only a SQLite shard has pages to limit")
+        return self.storage.limit_pages(extra)
 
     def _sweeper(self, interval: float) -> None:
         """Ask this actor to sweep, through its own queue, so sweeps serialize with batches."""
@@ -117,30 +296,67 @@ class ShardActor:
             except Exception:
                 return  # the actor is going away
 
-    def execute(self, batch: Sequence[Any]) -> list[Result]:
-        """Execute a batch of commands in order, commit their changes, then answer (one result each)."""
+    # -- commands -----------------------------------------------------------------------------
+    def execute(self, batch: Sequence[Any], lane: str | None = None, resume: bool = False) -> list[Result]:
+        """Execute a batch of commands in order, commit their changes, then answer (one result each).
+
+        ``lane``/``resume``: a client stream with several batches in flight (see
+        ``ShardEngine.execute_batch``: a deferral fences the lane until the rest comes back). A lane
+        answered "loading" is fenced the same way, so none of its batches that arrive after the
+        load can overtake the ones refused during it.
+        """
         if not isinstance(batch, (list, tuple)):
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
+        if lane is not None and not isinstance(lane, str):
+            return [(False, InvalidInput(f"a lane is a str, got {type(lane).__name__}"))]
+        if self.phase != READY:
+            if lane is not None and len(self._loading_lanes) < 4096:
+                self._loading_lanes.add(lane)
+            error = self._not_ready()
+            return [(False, error)] * len(batch)
+        if self._loading_lanes:  # lanes refused while loading: their next batch must resume
+            for held in self._loading_lanes:
+                self.engine.fence(held)
+            self._loading_lanes.clear()
         self.batches += 1
         self.commands += len(batch)
-        results = self.engine.execute_batch(batch)
-        self._commit()
+        if not self.storage_ok:
+            return self._execute_read_only(batch)
+        results = self.engine.execute_batch(batch, lane=lane, resume=bool(resume))
+        if not self._commit():  # nothing of this batch is on disk, nor (rebuilt) in memory
+            error = self._read_only_error()
+            return [(False, error)] * len(results)
         return results
 
-    def run(self, packed: bytes) -> bytes:
+    def _execute_read_only(self, batch: Sequence[Any]) -> list[Result]:
+        """Serve the batch's reads; answer its writes :class:`Unavailable` (storage is failing)."""
+        error = self._read_only_error()
+        reads = [i for i, cmd in enumerate(batch) if not _is_write(cmd)]
+        results: list[Result] = [(False, error)] * len(batch)
+        for i, result in zip(reads, self.engine.execute_batch([batch[i] for i in reads]), strict=True):
+            results[i] = result
+        self._commit()  # a no-op while read-only: expiries stay pending until storage works
+        return results
+
+    def run(self, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
         """:meth:`execute` with the batch and its results pickled by the caller and by the shard.
 
         The clients' data path: one ``pickle`` of a plain list each way costs about half of what
         Ray's per-object serialization of the same list does. A batch that cannot be unpickled is
         answered with one error result (the caller fails every command of it).
         """
+        if not isinstance(packed, bytes) or len(packed) > MAX_FRAME_BYTES:
+            size = len(packed) if isinstance(packed, bytes) else type(packed).__name__
+            error = InvalidInput(f"a packed batch is bytes of at most {MAX_FRAME_BYTES}, got {size}")
+            return pickle.dumps([(False, error)], protocol=pickle.HIGHEST_PROTOCOL)
         try:
             batch = pickle.loads(packed)
         except Exception as exc:
             error = InvalidInput(f"a packed batch could not be unpickled: {type(exc).__name__}: {exc}")
             return pickle.dumps([(False, error)], protocol=pickle.HIGHEST_PROTOCOL)
-        return pickle.dumps(self.execute(batch), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(self.execute(batch, lane, resume), protocol=pickle.HIGHEST_PROTOCOL)
 
+    # -- events -------------------------------------------------------------------------------
     def _notify(self, events: list[Event]) -> None:
         """Queue newly committed events for the notifier thread (off the batch's critical path)."""
         with self._outbox_lock:
@@ -169,30 +385,48 @@ class ShardActor:
                 self._subscriber = None
                 time.sleep(0.05)
 
+    def _require_ready(self) -> None:
+        if self.phase != READY:
+            raise self._not_ready()
+
     def events_since(self, after: int, limit: int = 1000) -> list[Event]:
         """Committed events with ``seq > after`` (at most ``limit``), in order."""
+        self._require_ready()
         return self.engine.events_since(after, limit)
 
     def event_state(self) -> tuple[int, int, int]:
         """``(last seq, last acknowledged seq, oldest seq still in memory)`` of the event log."""
+        self._require_ready()
         log = self.engine.events
         return (self.engine.seq, self.engine.acked_seq, log[0].seq if log else self.engine.seq + 1)
 
     def ack(self, seq: int) -> int:
         """The subscriber handled every event up to ``seq``; storage drops them. Returns the ack."""
+        self._require_ready()
         acked = self.engine.ack(seq)
         self._commit()
         return acked
 
     def set_events_durable(self, durable: bool) -> int:
         """Whether a trigger listens (the subscriber says): keep events durably for it, or only in
-        memory for watchers. Returns the last seq handed out before the switch."""
+        memory for watchers. Returns the last seq handed out before the switch (while loading: the
+        stored one; the switch applies once loaded)."""
+        with self._wish_lock:
+            if self.phase != READY:
+                self._durable_wish = bool(durable)
+                return self._seq_hint
         seq = self.engine.set_durable_events(bool(durable))
         self._commit()
         return seq
 
     def sweep(self) -> int:
-        """Delete expired entries and forget old op results now; return how many entries expired."""
+        """Delete expired entries and forget old op results now; return how many entries expired.
+
+        While storage is failing, first try whether it works again (a probe commit)."""
+        if self.phase != READY:
+            return 0
+        if not self.storage_ok:
+            self._probe_storage()
         expired = self.engine.sweep()
         self._commit()
         return expired
@@ -206,13 +440,21 @@ class ShardActor:
     def info(self) -> dict[str, Any]:
         """Where this shard runs and what it holds (for tests, the console and the CLI)."""
         store = self.engine.store
-        ctx = ray.get_runtime_context()
+        node_id, node_ip = _node()
+        total = self._rows_total
         return {
             "index": self.index,
             "epoch": self.epoch,
             "pid": os.getpid(),
-            "node_id": ctx.get_node_id(),
-            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": node_id,
+            "node_ip": node_ip,
+            "cluster_id": self.cluster_id,
+            "incarnation": self.incarnation,
+            "phase": self.phase,
+            "load_progress": 1.0 if self.phase == READY else (self._rows_loaded / total if total else 0.0),
+            "load_error": self.load_error,
+            "storage_ok": self.storage_ok,
+            "storage_error": self.storage_error,
             "groups": len(store.groups),
             "keys": len(store),
             "durability": self.durability,
@@ -222,6 +464,7 @@ class ShardActor:
             "restarted": self.restarted,
             "load_seconds": self.load_seconds,
             "batches": self.batches,
+            "deferrals": self.engine.deferrals,
             "commands": self.commands,
         }
 
@@ -230,13 +473,27 @@ class ShardActor:
         return self.index
 
 
-def _triggers_listen(cluster: str) -> bool:
-    """Whether to keep events durably from the start: a trigger is registered (cluster metadata,
-    kept current by the subscriber), or that is unknown (not recorded yet, metadata unreachable)."""
+def _is_write(cmd: Any) -> bool:
+    return isinstance(cmd, tuple) and len(cmd) == 5 and cmd[0] in WRITES
+
+
+def _node() -> tuple[str | None, str | None]:
+    """``(node id, node IP)`` of this process."""
     try:
-        return metadata.read(cluster, "triggers") is not False
-    except Exception:
-        return True
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except Exception:  # not inside Ray (unit use)
+        return None, None
+
+
+def _where_it_was(record: dict[str, Any] | None, index: int) -> str:
+    """For a missing file: where the cluster metadata says shard ``index`` kept it, and where we are."""
+    if record is None:
+        return ""
+    node_id, node_ip = _node()
+    return (
+        f" (the cluster metadata says shard {index} kept it on node {record.get('node_id')} "
+        f"({record.get('node_ip')}) at {record.get('path')}; this is node {node_id} ({node_ip}))"
+    )
 
 
 def _was_restarted() -> bool:

@@ -5,13 +5,20 @@ takes the batch's :class:`Changes` with :meth:`ShardEngine.take_changes`, has st
 only then answers. Commands run one at a time, in order; a bad command becomes that command's error
 result and never disturbs the others or the engine. Time comes from an injected ``clock``.
 
-Beyond plain reads and writes the engine keeps, per entry, a version (1 on creation, +1 per write) and
-an optional expiry time (TTL), and per write with an ``op_id`` the write's result, so a repeated call
+Beyond plain reads and writes the engine keeps, per entry, a version and an optional expiry time
+(TTL), and per write with an ``op_id`` a fingerprint of the call and its result, so a repeated call
 returns the first result and applies nothing again.
+
+- Versions are the shard's event sequence numbers: a write's version is the ``seq`` of the event it
+  emits, so the versions of a key only grow, also across delete and re-create (no ABA for
+  compare-and-set), like etcd's revisions.
+- An op_id's scope is ``(group_id, key)``: the same op_id on another key is another write; on the same
+  key with a different call (kind or arguments) it is :class:`InvalidInput` and changes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import io
 import itertools
@@ -19,18 +26,24 @@ import math
 import pickle
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
-from shardstate._errors import ConflictError, InvalidInput, StaleShardMap, StateError, UpdateError
+from shardstate._errors import ConflictError, Deferred, InvalidInput, StaleShardMap, StateError, UpdateError
 from shardstate.shards import commands as C
 from shardstate.shards.records import Changes, Entry, Event, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import NOT_JSON, apply_ops
-from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE, check_name, check_size
+from shardstate.shards.validation import (
+    DEFAULT_MAX_VALUE_SIZE,
+    check_name,
+    check_size,
+    check_writable,
+    is_reserved,
+)
 
 #: op_ids the clients generate for their own retries start with this; they are kept briefly.
 AUTO_OP_PREFIX = "~"
@@ -38,10 +51,24 @@ DEFAULT_OP_RETENTION = 24 * 3600.0
 DEFAULT_AUTO_OP_RETENTION = 120.0  # > the clients' default retry_timeout (60 s) + a restart
 #: an automatic retry's remembered result is kept whole up to this size (bytes of old + new value)
 AUTO_RESULT_LIMIT = 16 * 1024
+#: a remembered result is kept in RAM (not only in storage) up to this size ...
+RESULT_RAM_ITEM = 64 * 1024
+#: ... while all results kept in RAM stay under this many bytes; the others are read back from
+#: storage when their op_id repeats (with memory storage they are forgotten: see ``_replay``)
+RESULT_RAM_BUDGET = 64 * 1024 * 1024
 #: how many keys' decoded values the engine keeps between batches (for repeated updates), and the
 #: stored size of what it decoded since it last dropped them all
 DECODED_KEYS = 1024
 DECODED_BYTES = 64 * 1024 * 1024
+#: a batch's answers stop at about this many bytes of values: the rest of the batch is deferred
+#: (not executed; the client sends it again), so no batch builds an answer the shard cannot hold
+RESPONSE_BUDGET = 64 * 1024 * 1024
+#: ``list``/``items`` of a larger group answer in pages of about this many bytes
+PAGE_BYTES = 16 * 1024 * 1024
+#: bytes counted per row of a page besides its value (key, tuple, pickling)
+ROW_OVERHEAD = 64
+#: lanes (a client's ordered stream of batches) remembered as fenced after a deferral
+FENCED_LANES = 4096
 #: acknowledged events kept in memory for live watchers
 RECENT_EVENTS = 10_000
 #: ... and at most this many bytes of their values
@@ -80,9 +107,16 @@ class ShardEngine:
         self.op_retention = op_retention
         self.auto_op_retention = auto_op_retention
         self.fetch_op = fetch_op
-        #: op_id -> (created_at, ok payload); dicts keep creation order, so pruning pops from the front
-        self.ops: dict[str, tuple[float, Any]] = {}
-        self.auto_ops: dict[str, tuple[float, Any]] = {}
+        #: scoped op_id (see :func:`op_scope`) -> (created_at, fingerprint, result): the result is the
+        #: ok payload, or _STORED (in storage only) or _FORGOTTEN; dicts keep creation order, so
+        #: pruning pops from the front
+        self.ops: dict[str, tuple[float, bytes | None, Any]] = {}
+        self.auto_ops: dict[str, tuple[float, bytes | None, Any]] = {}
+        #: bytes of the results kept in RAM (bounded by RESULT_RAM_BUDGET)
+        self.result_bytes = 0
+        #: the live expiry time of every key that has one, and a heap of (time, group, key) over
+        #: them (stale heap entries are skipped, and the heap is rebuilt when they pile up)
+        self._deadlines: dict[tuple[str, str], float] = {}
         self._expiry: list[tuple[float, str, str]] = []
         #: the event log: every committed change, in seq order (unacknowledged ones + a recent tail)
         self.events: deque[Event] = deque()
@@ -94,6 +128,10 @@ class ShardEngine:
         self.durable_events = True
         self._changes = Changes()
         self._now = 0.0
+        #: lanes whose batches are all deferred until one comes with ``resume`` (see execute_batch)
+        self._fenced: OrderedDict[str, None] = OrderedDict()
+        #: batches whose answer reached the budget (the rest of them was deferred)
+        self.deferrals = 0
         #: values recently decoded or produced by updates, by key, with the stored bytes they belong
         #: to: a hot key (a growing fan-in document) is not unpickled again for every update
         self._decoded: dict[tuple[str, str], tuple[bytes, Any]] = {}
@@ -113,34 +151,73 @@ class ShardEngine:
     # -- start-up -----------------------------------------------------------------------------
     def load(self, loaded: Loaded) -> None:
         """Start from stored state (entry rows in insertion order, remembered op_ids)."""
-        groups, expiry, make = self.store.groups, self._expiry, tuple.__new__
+        groups, deadlines, make = self.store.groups, self._deadlines, tuple.__new__
+        top = 0
         for group_id, key, data, version, updated_at, expires_at in loaded.entries:
             group = groups.get(group_id)
             if group is None:
                 group = groups[group_id] = {}
             group[key] = make(Entry, (data, version, updated_at, expires_at))
             if expires_at is not None:
-                expiry.append((expires_at, group_id, key))
-        heapq.heapify(expiry)
-        self.seq, self.acked_seq = loaded.seq, loaded.acked_seq
+                deadlines[(group_id, key)] = expires_at
+            if version > top:
+                top = version
+        self._expiry = [(at, g, k) for (g, k), at in deadlines.items()]
+        heapq.heapify(self._expiry)
+        # versions are seqs; files from before that rule counted versions per key
+        self.seq, self.acked_seq = max(loaded.seq, top), loaded.acked_seq
         self.events.extend(loaded.events)
         self._event_bytes = sum(_event_size(e) for e in loaded.events)
-        for op_id, created_at in loaded.op_ids:
-            table = self.auto_ops if op_id.startswith(AUTO_OP_PREFIX) else self.ops
-            table[op_id] = (created_at, _STORED)
+        for scoped, created_at in loaded.op_ids:
+            table = self.auto_ops if _op_id_of(scoped).startswith(AUTO_OP_PREFIX) else self.ops
+            table[scoped] = (created_at, None, _STORED)
 
     # -- entry points -------------------------------------------------------------------------
-    def execute_batch(self, batch: Sequence[Any], now: float | None = None) -> list[C.Result]:
-        """Execute every command of ``batch`` in order; one result per command.
+    def execute_batch(
+        self, batch: Sequence[Any], now: float | None = None, *, lane: str | None = None, resume: bool = False
+    ) -> list[C.Result]:
+        """Execute the commands of ``batch`` in order; one result per command.
 
-        Expired entries are removed first, so no command of the batch sees them.
+        Expired entries are removed first, so no command of the batch sees them. Once the answers
+        hold more than :data:`RESPONSE_BUDGET` bytes of values, the rest of the batch is not
+        executed: each of those commands is answered :class:`Deferred` (the first command always
+        runs, so a client that sends the rest again makes progress).
+
+        ``lane`` names a client's ordered stream of batches that may have several in flight. After a
+        deferral the lane is *fenced*: its later batches, already on their way, are deferred whole,
+        until the client sends the deferred commands again with ``resume=True``. So a caller's
+        commands never run out of order.
         """
+        if lane is not None:
+            if resume:
+                self._fenced.pop(lane, None)
+            elif lane in self._fenced:
+                return [_DEFERRED] * len(batch)
         self._now = self.clock() if now is None else now
         if len(self._decoded) > DECODED_KEYS or self._decoded_bytes > DECODED_BYTES:
             self._decoded.clear()
             self._decoded_bytes = 0
         self._expire(self._now)
-        return [self._execute(cmd) for cmd in batch]
+        results = []
+        budget = RESPONSE_BUDGET
+        for cmd in batch:
+            result = self._execute(cmd)
+            results.append(result)
+            budget -= _answer_size(result[1]) if result[0] else 0
+            if budget < 0 and len(results) < len(batch):
+                results.extend([_DEFERRED] * (len(batch) - len(results)))
+                self.deferrals += 1
+                if lane is not None:
+                    self.fence(lane)
+                break
+        return results
+
+    def fence(self, lane: str) -> None:
+        """Defer every batch of ``lane`` until one arrives with ``resume`` (bounded memory)."""
+        self._fenced[lane] = None
+        self._fenced.move_to_end(lane)
+        while len(self._fenced) > FENCED_LANES:
+            self._fenced.popitem(last=False)
 
     def execute(self, cmd: Any, now: float | None = None) -> C.Result:
         """Execute one command (a batch of one)."""
@@ -199,6 +276,11 @@ class ShardEngine:
             self.acked_seq = self._changes.acked_seq = self.seq
             self._trim()
 
+    @property
+    def expiry_heap_size(self) -> int:
+        """Entries in the TTL heap (at most about twice the keys that have a TTL)."""
+        return len(self._expiry)
+
     def sweep(self, now: float | None = None) -> int:
         """Remove expired entries and forget old op results; return how many entries expired."""
         now = self._now = self.clock() if now is None else now
@@ -226,50 +308,94 @@ class ShardEngine:
                     raise StaleShardMap(f"this shard does not own group {group_id!r}")
                 if kind in C.KEYED:
                     check_name(key, "key")
+                if kind in C.WRITES and opts.get("system") is not True:
+                    check_writable(group_id)
             op_id = opts.get("op_id")
             if op_id is None or kind not in C.WRITES:
                 return (True, handler(group_id, key, arg, opts))
             if not isinstance(op_id, str) or not op_id:
                 raise InvalidInput(f"op_id must be a non-empty str, got {op_id!r}")
-            return (True, self._once(op_id, handler, group_id, key, arg, opts))
+            return (True, self._once(op_id, kind, handler, group_id, key, arg, opts))
         except StateError as exc:
             return (False, exc)
         except Exception as exc:  # a bug or a hostile command: report it, keep serving
             return (False, InvalidInput(f"command failed: {type(exc).__name__}: {exc}"))
 
-    def _once(self, op_id: str, handler: Any, group_id: str, key: str, arg: Any, opts: dict[str, Any]) -> Any:
-        """Run a write at most once per ``op_id``: a repeat returns the first call's result."""
+    def _once(
+        self, op_id: str, kind: str, handler: Any, group_id: str, key: Any, arg: Any, opts: dict[str, Any]
+    ) -> Any:
+        """Run a write at most once per ``op_id`` and key: a repeat returns the first call's result."""
         auto = op_id.startswith(AUTO_OP_PREFIX)
         table = self.auto_ops if auto else self.ops
-        seen = table.get(op_id)
+        scoped = op_scope(group_id, key, op_id)
+        # automatic op_ids are unique per call (the client makes them): their fingerprint is only the
+        # command's kind (cheap); a caller's op_id gets the full one that tells a retry from another call
+        fingerprint = kind.encode() if auto else call_fingerprint(kind, arg, opts)
+        seen = table.get(scoped)
         if seen is not None:
-            payload = seen[1]
-            if payload is _STORED:  # remembered from before a restart: its result is in storage
-                blob = None if self.fetch_op is None else self.fetch_op(op_id)
-                if blob is None:
-                    raise StateError(f"the result of op_id {op_id!r} is no longer available")
-                payload = pickle.loads(blob)
-                table[op_id] = (seen[0], payload)
-            if auto and payload is _FORGOTTEN:  # result was too large to keep: report the current value
-                entry = self.store.get(group_id, key)
-                return (None, None if entry is None else entry.data)
-            return payload
+            return self._replay(table, scoped, seen, fingerprint, kind, group_id, key, arg)
         payload = handler(group_id, key, arg, opts)
-        kept = payload
-        if auto and isinstance(payload, tuple) and _payload_size(payload) > AUTO_RESULT_LIMIT:
-            kept = _FORGOTTEN  # set/update: a repeat reports the current value instead
-        table[op_id] = (self._now, kept)
-        self._changes.op_records.append(
-            OpRecord(op_id, self._now, pickle.dumps(kept, protocol=pickle.HIGHEST_PROTOCOL))
-        )
+        kept = (payload[0], _ARG) if kind == C.SET else payload  # a set's new value is its argument
+        size = _payload_size(kept)
+        if auto and size > AUTO_RESULT_LIMIT and kind in (C.SET, C.UPDATE):
+            kept, size = _FORGOTTEN, 0  # a repeat reports the current value instead
+        blob = pickle.dumps((fingerprint, kept), protocol=pickle.HIGHEST_PROTOCOL)
+        self._changes.op_records.append(OpRecord(scoped, self._now, blob))
+        table[scoped] = (self._now, fingerprint, self._keep(kept, size))
         return payload
+
+    def _keep(self, kept: Any, size: int) -> Any:
+        """What of a result stays in RAM: itself while small and within the budget, else a marker."""
+        if kept is _FORGOTTEN or (size <= RESULT_RAM_ITEM and self.result_bytes + size <= RESULT_RAM_BUDGET):
+            self.result_bytes += size
+            return kept
+        return _STORED if self.fetch_op is not None else _FORGOTTEN
+
+    def _replay(
+        self,
+        table: dict[str, tuple[float, bytes | None, Any]],
+        scoped: str,
+        seen: tuple[float, bytes | None, Any],
+        fingerprint: bytes | None,
+        kind: str,
+        group_id: str,
+        key: Any,
+        arg: Any,
+    ) -> Any:
+        """A repeated op_id's first result (nothing applies again); InvalidInput for a different call."""
+        created_at, first, kept = seen
+        if kept is _STORED:  # only in storage (not kept in RAM, or remembered from before a restart)
+            blob = None if self.fetch_op is None else self.fetch_op(scoped)
+            if blob is None:
+                raise StateError(f"the result of op_id {_op_id_of(scoped)!r} is no longer available")
+            first, kept = pickle.loads(blob)
+            size = _payload_size(kept)
+            if size <= RESULT_RAM_ITEM and self.result_bytes + size <= RESULT_RAM_BUDGET:
+                self.result_bytes += size
+                table[scoped] = (created_at, first, kept)
+        if fingerprint is not None and first is not None and fingerprint != first:
+            raise InvalidInput(
+                f"op_id {_op_id_of(scoped)!r} reused for a different call on {group_id!r}/{key!r} "
+                "(an op_id names one call: the same command with the same arguments)"
+            )
+        if kept is _FORGOTTEN:  # too large to keep: report what the key holds now
+            if kind == C.DELETE:
+                return None
+            entry = self.store.get(group_id, key)
+            return (None, None if entry is None else entry.data)
+        if kind == C.SET:
+            return (kept[0], arg)  # the same call: its argument is the value it wrote
+        return kept
 
     def _expire(self, now: float) -> int:
         """Delete every entry whose expiry time has come."""
         heap, count = self._expiry, 0
         while heap and heap[0][0] <= now:
             expires_at, group_id, key = heapq.heappop(heap)
+            if self._deadlines.get((group_id, key)) != expires_at:
+                continue  # a stale heap entry: the key got another expiry, or none
             entry = self.store.get(group_id, key)
+            del self._deadlines[(group_id, key)]
             if entry is not None and entry.expires_at == expires_at:
                 self.store.delete(group_id, key)
                 self._changes.delete(group_id, key)
@@ -277,13 +403,30 @@ class ShardEngine:
                 count += 1
         return count
 
-    def _prune(self, table: dict[str, tuple[float, Any]], cutoff: float) -> None:
+    def _set_deadline(self, group_id: str, key: str, expires_at: float | None) -> None:
+        """Record the key's expiry time (None: no TTL), keeping one live heap entry per key."""
+        gk = (group_id, key)
+        if expires_at is None:
+            self._deadlines.pop(gk, None)
+            return
+        if self._deadlines.get(gk) == expires_at:
+            return  # unchanged (an update that keeps its TTL): the heap already has it
+        self._deadlines[gk] = expires_at
+        heap = self._expiry
+        heapq.heappush(heap, (expires_at, group_id, key))
+        if len(heap) > 2 * len(self._deadlines) + 64:  # stale entries piled up: rebuild
+            self._expiry = [(at, g, k) for (g, k), at in self._deadlines.items()]
+            heapq.heapify(self._expiry)
+
+    def _prune(self, table: dict[str, tuple[float, bytes | None, Any]], cutoff: float) -> None:
         while table:
-            op_id, (created_at, _) = next(iter(table.items()))
+            scoped, (created_at, _, kept) = next(iter(table.items()))
             if created_at >= cutoff:
                 break
-            del table[op_id]
-            self._changes.prune_op(op_id)
+            del table[scoped]
+            if kept is not _STORED and kept is not _FORGOTTEN:
+                self.result_bytes -= _payload_size(kept)
+            self._changes.prune_op(scoped)
 
     def _live(self, group_id: str, key: str) -> Entry | None:
         entry = self.store.get(group_id, key)
@@ -312,7 +455,7 @@ class ShardEngine:
     def _write(
         self, group_id: str, key: str, data: bytes, current: Entry | None, expires_at: float | None
     ) -> None:
-        entry = Entry(data, 1 if current is None else current.version + 1, self._now, expires_at)
+        entry = Entry(data, self.seq + 1, self._now, expires_at)  # its version: the seq _emit gives
         self.store.put(group_id, key, entry)
         self._changes.put(group_id, key, entry, created=current is None)
         self._emit(
@@ -322,8 +465,7 @@ class ShardEngine:
             None if current is None else current.data,
             data,
         )
-        if expires_at is not None:
-            heapq.heappush(self._expiry, (expires_at, group_id, key))
+        self._set_deadline(group_id, key, expires_at)
 
     # -- commands -----------------------------------------------------------------------------
     def _set(self, group_id: str, key: str, data: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
@@ -349,15 +491,35 @@ class ShardEngine:
         if current is None:
             return None
         self.store.delete(group_id, key)
+        self._deadlines.pop((group_id, key), None)
         self._changes.delete(group_id, key)
         self._emit(DELETED, group_id, key, current.data, None)
         return current.data
 
-    def _list(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[bytes]:
-        return [e.data for _, e in self._visible(group_id)]
+    def _list(self, group_id: str, _key: Any, start: Any, _opts: dict[str, Any]) -> Any:
+        rows, more = self._page(group_id, start)
+        values = [e.data for _, e in rows]
+        return values if more is None else (values, more)
 
-    def _items(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[tuple[str, bytes]]:
-        return [(k, e.data) for k, e in self._visible(group_id)]
+    def _items(self, group_id: str, _key: Any, start: Any, _opts: dict[str, Any]) -> Any:
+        rows, more = self._page(group_id, start)
+        items = [(k, e.data) for k, e in rows]
+        return items if more is None else (items, more)
+
+    def _page(self, group_id: str, start: Any) -> tuple[list[tuple[str, Entry]], int | None]:
+        """The group's entries from position ``start`` on, at most about :data:`PAGE_BYTES` of them
+        (at least one); and where the next page starts (None: this is the last)."""
+        if start is None:
+            start = 0
+        elif not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise InvalidInput(f"a page starts at an int >= 0, got {start!r}")
+        rows = self._visible(group_id)[start:]
+        size = 0
+        for count, (key, entry) in enumerate(rows, 1):
+            size += len(entry.data) + len(key) + ROW_OVERHEAD
+            if size > PAGE_BYTES and count < len(rows):
+                return rows[:count], start + count
+        return rows, None
 
     def _visible(self, group_id: str) -> list[tuple[str, Entry]]:
         now = self._now
@@ -365,14 +527,19 @@ class ShardEngine:
 
     def _clear(self, group_id: str, _key: Any, _arg: Any, _opts: dict[str, Any]) -> int:
         removed = self._visible(group_id)
-        if self.store.clear(group_id):
+        held = self.store.clear(group_id)
+        for key, entry in held:
+            if entry.expires_at is not None:
+                self._deadlines.pop((group_id, key), None)
+        if held:
             self._changes.clear(group_id)
         for key, entry in removed:
             self._emit(DELETED, group_id, key, entry.data, None)
         return len(removed)
 
-    def _groups(self, _group: Any, _key: Any, _arg: Any, _opts: dict[str, Any]) -> list[str]:
-        return [g for g in self.store.group_ids() if self._visible(g)]
+    def _groups(self, _group: Any, _key: Any, _arg: Any, opts: dict[str, Any]) -> list[str]:
+        system = opts.get("system") is True  # system groups only when asked
+        return [g for g in self.store.group_ids() if (system or not is_reserved(g)) and self._visible(g)]
 
     def _update(self, group_id: str, key: str, ops: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
         current = self._live(group_id, key)
@@ -395,6 +562,41 @@ class ShardEngine:
         return (None if current is None else current.data, new)
 
 
+def op_scope(group_id: str, key: str | None, op_id: str) -> str:
+    """The stored name of an op_id: its scope ``(group_id, key)`` and the op_id itself.
+
+    NUL cannot occur in a group id or key, so it separates the parts unambiguously.
+    """
+    return f"{group_id}\x00{key or ''}\x00{op_id}"
+
+
+def _op_id_of(scoped: str) -> str:
+    return scoped.rsplit("\x00", 1)[-1]
+
+
+def call_fingerprint(kind: str, arg: Any, opts: dict[str, Any]) -> bytes:
+    """16 bytes that tell one call from another: the command, its argument and its write options."""
+    digest = hashlib.blake2b(kind.encode(), digest_size=16)
+    if isinstance(arg, bytes):
+        digest.update(b"\x00b")
+        digest.update(arg)
+    elif arg is not None:
+        digest.update(b"\x00p")
+        digest.update(pickle.dumps(arg, protocol=pickle.HIGHEST_PROTOCOL))
+    digest.update(repr((opts.get("ttl"), opts.get("expected_version"))).encode())
+    return digest.digest()
+
+
+class _Arg:
+    """Stands for a set's new value in a remembered result: the call's own argument."""
+
+    def __reduce__(self) -> str:
+        return "_ARG"
+
+
+_ARG = _Arg()
+
+
 class _Forgotten:
     """Marks an automatic-retry result too large to keep."""
 
@@ -408,6 +610,20 @@ _STORED: Any = object()  # an op result that is in storage, not in memory
 
 def _event_size(event: Event) -> int:
     return len(event.old or b"") + len(event.new or b"") + 100
+
+
+def _answer_size(payload: Any) -> int:
+    """Bytes of values in an ok payload (what a batch's answer costs to hold and send)."""
+    if isinstance(payload, bytes):
+        return len(payload)
+    if isinstance(payload, tuple):
+        return sum(_answer_size(p) for p in payload)
+    if isinstance(payload, list):
+        return sum(len(p) if isinstance(p, bytes) else _answer_size(p) for p in payload)
+    return 0
+
+
+_DEFERRED: C.Result = (False, Deferred("not run: the batch's answer is already large; send it again"))
 
 
 def _payload_size(payload: Any) -> int:

@@ -43,21 +43,42 @@ class Storage(Protocol):
         """The stored (pickled) result of the write ``op_id``, or None."""
         ...
 
+    def count_entries(self) -> int:
+        """How many entry rows :meth:`load` will return (for load progress)."""
+        ...
+
+    def probe(self) -> None:
+        """Write and remove a small record (is storage writable again?), or raise."""
+        ...
+
     def close(self) -> None:
         """Release the storage."""
         ...
 
 
 class MemoryStorage:
-    """Keeps nothing: a shard on memory storage starts empty after every restart."""
+    """Keeps nothing: a shard on memory storage starts empty after every restart.
+
+    ``seq_base`` is where its event seqs start (the shard passes its incarnation shifted left, so
+    seqs, and the event ids made of them, never repeat across restarts).
+    """
+
+    def __init__(self, seq_base: int = 0) -> None:
+        self.seq_base = seq_base
 
     def load(self) -> Loaded:
-        return Loaded([], [])
+        return Loaded([], [], [], self.seq_base, self.seq_base)
 
     def commit(self, changes: Changes) -> None:
         return None
 
     def fetch_op(self, op_id: str) -> bytes | None:
+        return None
+
+    def count_entries(self) -> int:
+        return 0
+
+    def probe(self) -> None:
         return None
 
     def close(self) -> None:
@@ -102,27 +123,35 @@ class SqliteStorage:
 
     ``must_exist=True`` (the cluster existed before) turns a missing file into a :class:`StorageError`
     instead of a silent empty shard; a file that is not a healthy SQLite database is one too.
+    ``check=False`` skips the integrity check here (it reads the whole file; the shard runs
+    :meth:`check` in its background load instead). :meth:`claim` binds the file to its cluster.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], durability: str = "os", must_exist: bool = False
+        self,
+        path: str | os.PathLike[str],
+        durability: str = "os",
+        must_exist: bool = False,
+        *,
+        check: bool = True,
+        missing_hint: str = "",
     ) -> None:
         if durability not in ("fsync", "os"):
             raise StorageError(f"SqliteStorage durability must be 'fsync' or 'os', got {durability!r}")
         self.path = Path(path)
         if must_exist and not self.path.exists():
             raise StorageError(
-                f"shard database {self.path} is missing, but this shard stored data before; "
-                "restore the file (or remove the cluster's directory to start empty)"
+                f"shard database {self.path} is missing, but this shard stored data before{missing_hint}; "
+                "restore the file (or delete the cluster for good to start empty)"
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
-            check = self.db.execute("PRAGMA quick_check").fetchone()
-            if check is None or check[0] != "ok":
-                raise StorageError(f"shard database {self.path} failed its integrity check: {check}")
+            self.synchronous = "FULL" if durability == "fsync" else "NORMAL"
+            self.db.execute(f"PRAGMA synchronous={self.synchronous}")
+            if check:
+                self.check()
             self.db.executescript(_SCHEMA)
             self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (SCHEMA_VERSION,))
         except sqlite3.DatabaseError as exc:
@@ -147,6 +176,92 @@ class SqliteStorage:
     def fetch_op(self, op_id: str) -> bytes | None:
         row = self.db.execute("SELECT result FROM ops WHERE op_id = ?", (op_id,)).fetchone()
         return None if row is None else bytes(row[0])
+
+    def count_entries(self) -> int:
+        return int(self.db.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    def check(self) -> None:
+        """Run SQLite's quick integrity check (reads the whole file): raise if it is damaged."""
+        try:
+            check = self.db.execute("PRAGMA quick_check").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"shard database {self.path} is unreadable (corrupt?): {exc}") from None
+        if check is None or check[0] != "ok":
+            raise StorageError(f"shard database {self.path} failed its integrity check: {check}")
+
+    def claim(self, cluster_id: str, shard: int, known_incarnation: int, stamped_before: bool) -> int:
+        """Check that this file is shard ``shard``'s of cluster ``cluster_id`` and not an old copy.
+
+        ``known_incarnation``: the shard's start count in the cluster metadata (the file must carry
+        at least that); ``stamped_before``: the metadata says this shard's file was stamped already
+        (a file without an id is then a stranger too). Stamps the file with both ids and the next
+        start count, durably (fsync, whatever the durability level), and returns that count.
+        Raises :class:`StorageError` naming the file and both ids when it does not match.
+        """
+        rows = self.db.execute("SELECT k, v FROM meta WHERE k IN ('cluster_id', 'shard', 'incarnation')")
+        meta = dict(rows.fetchall())
+        found_id, found_shard = meta.get("cluster_id"), meta.get("shard")
+        found_inc = int(meta.get("incarnation", 0))
+        if found_id is None and stamped_before:
+            raise StorageError(
+                f"shard database {self.path} carries no cluster id, but shard {shard} of cluster id "
+                f"{cluster_id} stamped its file before: this is not that file (restore the right one)"
+            )
+        if found_id is not None and found_id != cluster_id:
+            raise StorageError(
+                f"shard database {self.path} belongs to cluster id {found_id} (shard {found_shard}), "
+                f"not to this cluster (id {cluster_id}, shard {shard}); refusing to open another "
+                "cluster's data (move the file away, or point this cluster's storage elsewhere)"
+            )
+        if found_shard is not None and int(found_shard) != shard:
+            raise StorageError(
+                f"shard database {self.path} is shard {found_shard}'s file of cluster id {cluster_id}, "
+                f"not shard {shard}'s; refusing to serve another shard's data"
+            )
+        if found_inc < known_incarnation:
+            raise StorageError(
+                f"shard database {self.path} is an old copy: it was last opened in start {found_inc} of "
+                f"shard {shard} (cluster id {cluster_id}), but the shard has started {known_incarnation} "
+                "times; refusing to serve stale data (restore the newest file; to serve this one anyway, "
+                f"set its start count: shardstate.cluster.metadata.record_incarnation(<cluster>, {shard}, "
+                f"{found_inc}))"
+            )
+        count = max(found_inc, known_incarnation) + 1
+        db = self.db
+        db.execute("PRAGMA synchronous=FULL")  # the stamp must be on disk before the metadata says so
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for k, v in (("cluster_id", cluster_id), ("shard", str(shard)), ("incarnation", str(count))):
+                db.execute(_SET_META, (k, v))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        finally:
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+        return count
+
+    def probe(self) -> None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(_SET_META, ("probe", "x" * 16384))  # needs new pages: fails on a full disk
+            db.execute("DELETE FROM meta WHERE k = 'probe'")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def limit_pages(self, extra: int | None) -> int:
+        """Test hook (never called by shardstate): compact the file and cap it at its size + ``extra``
+        pages, so commits that need more fail like on a full disk; None lifts the cap. Returns the cap."""
+        if extra is None:
+            return int(self.db.execute("PRAGMA max_page_count = 4294967294").fetchone()[0])
+        self.db.execute("VACUUM")  # no free pages left inside the file either
+        pages = int(self.db.execute("PRAGMA page_count").fetchone()[0])
+        return int(self.db.execute(f"PRAGMA max_page_count = {pages + int(extra)}").fetchone()[0])
 
     def commit(self, changes: Changes) -> None:
         if not changes:
@@ -173,7 +288,8 @@ class SqliteStorage:
                 db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite already rolled back on some errors (SQLITE_FULL)
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -186,12 +302,27 @@ def _upsert_rows(changes: Changes) -> Iterator[tuple[object, ...]]:
             yield (group_id, key, entry.data, entry.version, entry.updated_at, entry.expires_at)
 
 
+def shard_path(directory: str | os.PathLike[str], shard: int) -> Path:
+    """Where shard ``shard`` of a cluster whose directory is ``directory`` keeps its file."""
+    return Path(directory) / f"shard-{shard}.db"
+
+
 def open_storage(
-    directory: str | os.PathLike[str] | None, shard: int, durability: str, must_exist: bool = False
+    directory: str | os.PathLike[str] | None,
+    shard: int,
+    durability: str,
+    must_exist: bool = False,
+    *,
+    seq_base: int = 0,
+    check: bool = True,
+    missing_hint: str = "",
 ) -> Storage:
-    """The storage of shard ``shard``: ``<directory>/shard-<n>.db``, or memory for ``"memory"``."""
+    """The storage of shard ``shard``: ``<directory>/shard-<n>.db``, or memory for ``"memory"``
+    (whose event seqs start at ``seq_base``)."""
     if durability not in DURABILITY_LEVELS:
         raise StorageError(f"durability must be one of {DURABILITY_LEVELS}, got {durability!r}")
     if durability == "memory" or directory is None:
-        return MemoryStorage()
-    return SqliteStorage(Path(directory) / f"shard-{shard}.db", durability, must_exist)
+        return MemoryStorage(seq_base)
+    return SqliteStorage(
+        shard_path(directory, shard), durability, must_exist, check=check, missing_hint=missing_hint
+    )

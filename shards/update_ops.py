@@ -8,6 +8,17 @@ list of them to a value, all or nothing: it works on a private copy and raises
 Paths: a string is one literal first-level field (``"a.b"`` is the field named ``a.b``; ``""`` is
 the whole value); a list of strings is a nested path (``["stats", "done"]``; ``[]`` is the whole value).
 Missing intermediate dicts are created. A missing key starts as ``{}``.
+
+The semantics are the iii engine's (Motia's runtime, ``engine/src/update_ops.rs``) case by case, except
+that iii skips a failing op and writes the rest where we fail the whole update:
+
+- ``merge`` and ``append`` walk a non-empty path the way iii's ``walk_or_create`` does: a missing or
+  non-dict step becomes ``{}`` (for ``merge`` also the value itself and the target; ``append`` at a
+  path needs the value itself to be a dict). The other ops raise ``not_object`` on a path through a
+  non-dict.
+- ``append`` to a missing or ``None`` target starts a str with a str value, else ``[value]``; at a
+  nested path (two fields or more) a *missing* leaf always starts ``[value]``.
+- ``remove`` at ``""`` / ``[]`` makes the whole value ``None``.
 """
 
 from __future__ import annotations
@@ -23,8 +34,10 @@ OP_TYPES = frozenset({"set", "merge", "increment", "decrement", "append", "remov
 # Codes carried by UpdateError.code
 BAD_OP = "bad_op"  # the op itself is malformed
 NOT_NUMBER = "not_number"  # increment/decrement of something that is not a number
-NOT_OBJECT = "not_object"  # a dict was needed (path step, merge target or merge value) and not found
-TYPE_MISMATCH = "type_mismatch"  # append to something that is neither a list nor a str, or str + non-str
+#: a dict was needed and not found: a step of a set/increment/decrement/remove path, the value itself
+#: under an append path, the value itself for a root merge, or a merge operand
+NOT_OBJECT = "not_object"
+TYPE_MISMATCH = "type_mismatch"  # append to something not a list, str or None, or a non-str to a str
 NOT_JSON = "not_json"  # a value the op writes is not JSON-like
 
 #: The longest list path an op may have.
@@ -113,8 +126,6 @@ def parse_op(raw: Any, index: int = 0) -> Op:
             raise UpdateError(f"'by' must be a finite int or float, got {by!r}", index, BAD_OP)
         return _new_op(Op, (kind, path, by))
     if kind == "remove":
-        if not path:
-            raise UpdateError("'remove' needs a non-empty path", index, BAD_OP)
         return _new_op(Op, (kind, path, None))
     if "value" not in raw:
         raise UpdateError(f"op {kind!r} needs a 'value'", index, BAD_OP)
@@ -137,11 +148,12 @@ def parse_ops(raw_ops: Any) -> list[Op]:
     return [parse_op(op, i) for i, op in enumerate(raw_ops)]
 
 
-def _combine(kind: str, current: Any, arg: Any, index: int) -> Any:
+def _combine(kind: str, current: Any, arg: Any, index: int, depth: int) -> Any:
     """The new value of one target: ``current`` (or ``_MISSING``) combined with the op's operand.
 
-    Never mutates ``current``: containers are rebuilt, so objects shared with the old value (or
-    with each other) stay untouched.
+    ``depth`` is the length of the op's path (0: the target is the whole value). Never mutates
+    ``current``: containers are rebuilt, so objects shared with the old value (or with each other)
+    stay untouched.
     """
     if kind == "set":
         return arg
@@ -154,16 +166,20 @@ def _combine(kind: str, current: Any, arg: Any, index: int) -> Any:
         except OverflowError:  # float + an int too large for a float
             raise UpdateError(f"{kind} by {arg!r} overflows", index, NOT_NUMBER) from None
     if kind == "merge":
-        if current is _MISSING:
+        if isinstance(current, dict):
+            return {**current, **arg}
+        if current is _MISSING or depth:  # a missing or non-dict target at a path becomes {}
             return dict(arg)
-        if not isinstance(current, dict):
-            raise UpdateError(f"cannot merge into a {type(current).__name__}", index, NOT_OBJECT)
-        return {**current, **arg}
+        raise UpdateError(f"cannot merge into a {type(current).__name__}", index, NOT_OBJECT)
+    if kind == "remove":  # only the whole value gets here (path "" / []): it becomes None
+        return None
     # append
-    if current is _MISSING:
-        return arg if isinstance(arg, str) else [arg]
     if isinstance(current, list):
         return [*current, arg]
+    if current is _MISSING:
+        return [arg] if depth > 1 or not isinstance(arg, str) else arg
+    if current is None:
+        return arg if isinstance(arg, str) else [arg]
     if isinstance(current, str):
         if not isinstance(arg, str):
             raise UpdateError(f"cannot append a {type(arg).__name__} to a str", index, TYPE_MISMATCH)
@@ -174,16 +190,20 @@ def _combine(kind: str, current: Any, arg: Any, index: int) -> Any:
 def _rebuild(node: Any, op: Op, depth: int, index: int) -> Any:
     """``node`` with the op applied at ``op.path[depth:]``: dicts on the path are copied, not changed."""
     if depth == len(op.path):
-        return _combine(op.kind, node, op.arg, index)
+        return _combine(op.kind, node, op.arg, index, depth)
     if node is _MISSING:
         if op.kind == "remove" and depth > 0:  # nothing to remove below a missing field
             return _MISSING
         node = {}  # a missing key (depth 0) or field starts as {}
     elif not isinstance(node, dict):
-        if depth == 0:
+        # merge replaces any non-dict step (the value itself too), append any but the value itself
+        if op.kind == "merge" or (op.kind == "append" and depth > 0):
+            node = {}
+        elif depth == 0:
             raise UpdateError(f"the value is a {type(node).__name__}, not a dict", index, NOT_OBJECT)
-        where = ".".join(op.path[:depth])
-        raise UpdateError(f"path goes through {where!r}, a {type(node).__name__}", index, NOT_OBJECT)
+        else:
+            where = ".".join(op.path[:depth])
+            raise UpdateError(f"path goes through {where!r}, a {type(node).__name__}", index, NOT_OBJECT)
     field = op.path[depth]
     if op.kind == "remove" and depth == len(op.path) - 1:
         if field not in node:
@@ -197,8 +217,6 @@ def _rebuild(node: Any, op: Op, depth: int, index: int) -> Any:
 
 def apply_op(root: Any, op: Op, index: int = 0) -> Any:
     """Apply one op to ``root`` and return the new root (``root`` itself is never changed)."""
-    if not op.path and op.kind == "remove":  # parse_op forbids it; kept for Op built by hand
-        raise UpdateError("'remove' needs a non-empty path", index, BAD_OP)
     return _rebuild(root, op, 0, index)
 
 

@@ -11,6 +11,8 @@ from shardstate._errors import InvalidInput, ValueTooLarge
 
 MAX_NAME_BYTES = 512
 DEFAULT_MAX_VALUE_SIZE = 16 * 1024 * 1024
+#: groups whose names start with this belong to the system (triggers, dead letters)
+RESERVED_PREFIX = "__shardstate"
 
 
 def check_name(name: Any, what: str) -> str:
@@ -31,6 +33,19 @@ def check_name(name: Any, what: str) -> str:
     if size > MAX_NAME_BYTES:
         raise InvalidInput(f"{what} is longer than {MAX_NAME_BYTES} UTF-8 bytes")
     return name
+
+
+def is_reserved(group_id: str) -> bool:
+    """Whether ``group_id`` is a system group (its name starts with :data:`RESERVED_PREFIX`)."""
+    return group_id.startswith(RESERVED_PREFIX)
+
+
+def check_writable(group_id: str) -> None:
+    """Raise :class:`InvalidInput` if ``group_id`` is reserved for the system (user writes only)."""
+    if group_id.startswith(RESERVED_PREFIX):
+        raise InvalidInput(
+            f"group {group_id!r} is reserved: names starting with {RESERVED_PREFIX!r} belong to the system"
+        )
 
 
 def encode_value(value: Any, max_size: int = DEFAULT_MAX_VALUE_SIZE) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import threading
 from typing import Any
 
@@ -62,8 +64,15 @@ def test_too_large_value_and_update_result(new_cluster: dict[str, str]) -> None:
 
 
 def test_garbage_sent_straight_to_a_shard(state: shardstate.StateClient, group: str) -> None:
+    """Malformed commands and frames, bypassing every client check: typed errors, nothing changes,
+    the same shard process keeps serving."""
     shard = state._link.current().shard_for(group)
     state.set(group, "k", 1)
+    state.set(group, "doc", {"n": 1}, op_id="first")
+    pids = shard_pids(state)
+    before = state.items(group)
+    entry = state.get_entry(group, "doc")
+    huge_ops = [{"type": "increment", "path": "n"}] * 100_000 + [{"type": "explode"}]
     garbage = [
         "not a tuple",
         ("set",),
@@ -71,13 +80,31 @@ def test_garbage_sent_straight_to_a_shard(state: shardstate.StateClient, group: 
         (C.SET, group, "k", {"not": "bytes"}, None),
         (C.UPDATE, group, "k", "ops?", None),
         (C.GET, None, "k", None, None),
+        (C.SET, group, "k", pickle.dumps(2), "opts not a dict"),
+        (C.SET, group, "k", pickle.dumps(2), {"op_id": 7}),
+        (C.SET, group, "k", pickle.dumps(2), {"ttl": -1}),
+        (C.SET, group, "k", pickle.dumps(2), {"expected_version": "x"}),
+        (C.UPDATE, group, "doc", huge_ops, None),  # fails at its last op: all or nothing
+        (C.UPDATE, group, "doc", [{"type": "set", "path": ["a"] * 1000, "value": 1}], None),
+        (C.SET, group, "doc", pickle.dumps("other"), {"op_id": "first"}),  # op_id reused: refused
+        (C.SET, "__shardstate:triggers", "x", pickle.dumps("junk"), None),  # reserved group
+        (C.CLEAR, "__shardstate:dead_letters", None, None, None),
+        (C.SET, "g" * 600, "k", pickle.dumps(1), None),
         (C.GET, group, "k", None, None),
     ]
     results = ray.get(shard.execute.remote(garbage))
-    assert [ok for ok, _ in results] == [False] * 6 + [True]
-    assert all(isinstance(err, shardstate.StateError) for _, err in results[:6])
+    assert [ok for ok, _ in results] == [False] * (len(garbage) - 1) + [True]
+    assert all(isinstance(err, shardstate.StateError) for _, err in results[:-1])
     assert ray.get(shard.execute.remote("not a batch"))[0][0] is False
-    assert state.get(group, "k") == 1
+    # frames that are not a batch at all: truncated, garbage, the wrong shape
+    frames = [b"", b"\x80\x05garbage", pickle.dumps([("get",)])[:-3], pickle.dumps({"a": 1}), os.urandom(64)]
+    for frame in frames:
+        answer = pickle.loads(ray.get(shard.run.remote(frame)))
+        assert all(ok is False for ok, _ in answer)
+    assert state.items(group) == before
+    assert state.get_entry(group, "doc") == entry
+    assert shard_pids(state) == pids  # no shard died or restarted
+    assert state.update(group, "doc", [ops.increment("n")]).new_value == {"n": 2}
 
 
 def test_router_survives_bad_calls(state: shardstate.StateClient, group: str) -> None:

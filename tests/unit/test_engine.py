@@ -182,7 +182,7 @@ def test_update_of_missing_key_starts_from_empty_dict() -> None:
             "not_number",
             1,
         ),
-        ({"s": "x"}, [{"type": "merge", "path": "s", "value": {}}], "not_object", 0),
+        ({"s": "x"}, [{"type": "set", "path": ["s", "t"], "value": 1}], "not_object", 0),
         ({"n": 1}, [{"type": "append", "path": "n", "value": 1}], "type_mismatch", 0),
         ({"n": 1}, [{"type": "set", "path": "n", "value": {1, 2}}], "not_json", 0),
         ({"n": 1}, [{"type": "increment", "path": "n"}, {"type": "frob"}], "bad_op", 1),

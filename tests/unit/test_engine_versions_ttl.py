@@ -16,7 +16,14 @@ import pytest
 from shardstate._errors import ConflictError, InvalidInput, StateError, UpdateError
 from shardstate.shards import commands as C
 from shardstate.shards.commands import command
-from shardstate.shards.engine import AUTO_OP_PREFIX, AUTO_RESULT_LIMIT, ShardEngine, canonical_dumps
+from shardstate.shards.engine import (
+    AUTO_OP_PREFIX,
+    AUTO_RESULT_LIMIT,
+    RESULT_RAM_ITEM,
+    ShardEngine,
+    canonical_dumps,
+    op_scope,
+)
 from shardstate.shards.records import Entry, Loaded, OpRecord
 
 T0 = 1_000.0
@@ -75,6 +82,11 @@ def op_snapshot(engine: ShardEngine) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(engine.ops), dict(engine.auto_ops)
 
 
+def op_names(table: dict[str, Any]) -> set[str]:
+    """The op_ids (without their scope) of an engine's op table."""
+    return {scoped.rsplit("\x00", 1)[-1] for scoped in table}
+
+
 class FakeOpStore:
     """Stands in for ``Storage.fetch_op``: the stored results of op records, and who asked for which."""
 
@@ -106,7 +118,8 @@ def reload(engine: ShardEngine, records: list[OpRecord], **kwargs: Any) -> Shard
 # --------------------------------------------------------------------------------------------
 
 
-def test_version_starts_at_one_and_counts_every_write() -> None:
+def test_versions_are_the_shard_seq_and_only_grow() -> None:
+    """A write's version is the seq of the event it emits (like etcd's revisions)."""
     engine, clock = make()
     d1, d2 = enc({"n": 1}), enc({"n": 2})
     ok(do(engine, C.SET, "g", "k", d1))
@@ -125,19 +138,22 @@ def test_version_starts_at_one_and_counts_every_write() -> None:
     err(do(engine, C.UPDATE, "g", "k", [{"type": "frob"}]), UpdateError)
     err(do(engine, C.UPDATE, "g", "k", [{"type": "append", "path": "n", "value": 1}]), UpdateError)
     assert entry_of(engine, "g", "k") == (new, 3, T0 + 3.5, None)
-    # a second key has its own version
+    # another key takes the next seq; each version is the seq of its write's event
     ok(do(engine, C.UPDATE, "g", "other", INCR))
-    assert entry_of(engine, "g", "other")[1:] == (1, T0 + 4.5, None)
+    assert entry_of(engine, "g", "other")[1:] == (4, T0 + 4.5, None)
     assert entry_of(engine, "g", "k")[1] == 3
+    assert [e.seq for e in engine.events] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("remove", ["delete", "clear", "expire"])
-def test_version_starts_again_at_one_after_the_key_is_gone(remove: str) -> None:
+def test_a_recreated_key_never_gets_an_old_version(remove: str) -> None:
+    """Item 11 (CAS ABA): expected_version=v never matches another incarnation of the key."""
     engine, clock = make()
     ok(do(engine, C.SET, "g", "k", enc(1), ttl=50))
     ok(do(engine, C.SET, "g", "k", enc(2), ttl=50))
     ok(do(engine, C.UPDATE, "g", "k2", INCR))
-    assert entry_of(engine, "g", "k")[1] == 2
+    old_version = entry_of(engine, "g", "k")[1]
+    assert old_version == 2
     if remove == "delete":
         ok(do(engine, C.DELETE, "g", "k"))
     elif remove == "clear":
@@ -146,11 +162,30 @@ def test_version_starts_again_at_one_after_the_key_is_gone(remove: str) -> None:
         clock.advance(50)
     assert entry_of(engine, "g", "k") is None
     clock.advance(1)
-    ok(do(engine, C.SET, "g", "k", enc(3)))
-    assert entry_of(engine, "g", "k") == (enc(3), 1, clock.now, None)
-    ok(do(engine, C.DELETE, "g", "k"))
+    seen: list[int] = []
+    for _ in range(3):  # re-create it as often as it had versions: none comes back
+        ok(do(engine, C.SET, "g", "k", enc(3)))
+        seen.append(entry_of(engine, "g", "k")[1])
+        err(do(engine, C.SET, "g", "k", enc(4), expected_version=old_version), ConflictError)
+        err(do(engine, C.UPDATE, "g", "k", INCR, expected_version=1), ConflictError)
+        ok(do(engine, C.DELETE, "g", "k"))
+    assert seen == sorted(seen)
+    assert min(seen) > old_version
+    assert len(set(seen)) == 3
     ok(do(engine, C.UPDATE, "g", "k", INCR))
-    assert entry_of(engine, "g", "k")[1] == 1
+    assert entry_of(engine, "g", "k")[1] == engine.seq
+
+
+def test_versions_keep_growing_after_a_reload() -> None:
+    """A reloaded shard continues from the highest version it holds, even if it lost its seq."""
+    engine, _clock = make()
+    for i in range(5):
+        ok(do(engine, C.SET, "g", "k", enc(i)))
+    entries = [(g, k, *e) for g, keys in engine.store.groups.items() for k, e in keys.items()]
+    fresh = ShardEngine(clock=engine.clock)
+    fresh.load(Loaded(entries, [], seq=0))  # a file from before versions were seqs
+    ok(do(fresh, C.SET, "g", "k", enc("again")))
+    assert entry_of(fresh, "g", "k")[1] == 6
 
 
 def test_entry_payload_shape_and_missing_keys() -> None:
@@ -178,7 +213,7 @@ def test_updated_at_is_the_batch_time_even_when_passed_explicitly() -> None:
     assert entry_of(engine, "g", "a")[2] == T0
     assert entry_of(engine, "g", "b")[2] == T0
     ok(engine.execute(command(C.SET, "g", "a", enc(3), {"ttl": 4}), now=5_000.0))
-    assert entry_of(engine, "g", "a")[1:] == (2, 5_000.0, 5_004.0)
+    assert entry_of(engine, "g", "a")[1:] == (3, 5_000.0, 5_004.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +290,7 @@ def test_expected_version_after_expiry_counts_the_key_as_absent() -> None:
     conflict = err(do(engine, C.SET, "g", "k", enc(2), expected_version=1), ConflictError)
     assert conflict.actual == 0
     ok(do(engine, C.SET, "g", "k", enc(2), expected_version=0))
-    assert entry_of(engine, "g", "k") == (enc(2), 1, T0 + 5, None)
+    assert entry_of(engine, "g", "k") == (enc(2), 3, T0 + 5, None)  # seq 2 was the expiry
 
 
 def test_a_conflict_in_a_batch_leaves_the_other_commands_alone() -> None:
@@ -317,7 +352,7 @@ def test_an_entry_is_visible_until_its_expiry_time_then_gone_and_deleted() -> No
     got = [ok(r) for r in engine.execute_batch(_reads("g", "k"))]
     assert got == [
         enc("v"),
-        (enc("v"), 1, T0, T0 + 10),
+        (enc("v"), 2, T0, T0 + 10),
         [enc("stay"), enc("v")],
         [("keep", enc("stay")), ("k", enc("v"))],
         ["g", "h"],
@@ -406,10 +441,34 @@ def test_update_without_ttl_keeps_it_and_with_ttl_sets_it() -> None:
     ok(do(engine, C.UPDATE, "g", "plain", INCR, ttl=1))
     assert entry_of(engine, "g", "plain")[3] == T0 + 12
     ok(do(engine, C.UPDATE, "g", "new", INCR, ttl=2.5))
-    assert entry_of(engine, "g", "new") == (canonical_dumps({"n": 1}), 1, T0 + 11, T0 + 13.5)
+    assert entry_of(engine, "g", "new") == (canonical_dumps({"n": 1}), 6, T0 + 11, T0 + 13.5)
     clock.advance(15)  # T0 + 26
     assert ok(do(engine, C.ITEMS, "g")) == []
     assert ok(do(engine, C.GROUPS)) == []
+
+
+@pytest.mark.parametrize("kind", [C.UPDATE, C.SET])
+def test_the_ttl_heap_keeps_one_live_entry_per_key(kind: str) -> None:
+    """Item 8: 10,000 writes of one key with a TTL leave a bounded heap, and expiry still works."""
+    engine, clock = make()
+    ok(do(engine, C.SET, "g", "k", enc({"n": 0}), ttl=1000))
+    for i in range(10_000):
+        if kind == C.UPDATE:  # keeps its expiry time
+            ok(do(engine, C.UPDATE, "g", "k", INCR))
+        else:  # a new expiry time every time
+            clock.advance(0.001)
+            ok(do(engine, C.SET, "g", "k", enc({"n": i}), ttl=1000))
+    assert engine.expiry_heap_size <= 2 * 1 + 64
+    for i in range(100):  # other keys with a TTL each: one entry per key
+        ok(do(engine, C.SET, "g", f"o{i}", enc(i), ttl=5000))
+    assert engine.expiry_heap_size <= 2 * 101 + 64
+    expires_at = entry_of(engine, "g", "k")[3]
+    clock.now = expires_at
+    assert engine.sweep() == 1
+    assert entry_of(engine, "g", "k") is None
+    clock.now = T0 + 10_000
+    assert engine.sweep() == 100
+    assert engine.expiry_heap_size == 0
 
 
 def test_a_later_ttl_is_not_cut_short_by_the_earlier_one() -> None:
@@ -483,7 +542,7 @@ def test_good_ttl_forms() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# op_id: idempotent writes
+# op_id: idempotent writes, scoped to (group_id, key) and bound to their call
 # --------------------------------------------------------------------------------------------
 
 
@@ -496,10 +555,12 @@ def test_same_op_id_twice_applies_once() -> None:
     assert pickle.loads(ok(do(engine, C.GET, "g", "k"))) == {"n": 1}
     assert entry_of(engine, "g", "k")[1:3] == (1, T0)
     changes = engine.take_changes()
-    assert [r.op_id for r in changes.op_records] == ["job-1"]
+    assert [r.op_id for r in changes.op_records] == [op_scope("g", "k", "job-1")]
     record = changes.op_records[0]
     assert record.created_at == T0
-    assert pickle.loads(record.result) == first
+    fingerprint, result = pickle.loads(record.result)
+    assert result == first
+    assert len(fingerprint) == 16
     assert list(changes.entries) == [("g", "k")]
 
 
@@ -509,7 +570,7 @@ def test_same_op_id_twice_in_one_batch() -> None:
     results = engine.execute_batch([cmd, cmd, command(C.GET, "g", "k")])
     assert ok(results[0]) == ok(results[1])
     assert pickle.loads(ok(results[2])) == {"n": 1}
-    assert [r.op_id for r in engine.take_changes().op_records] == ["~auto-1"]
+    assert [r.op_id for r in engine.take_changes().op_records] == [op_scope("g", "k", "~auto-1")]
 
 
 def test_repeated_set_returns_the_first_result_even_after_other_writes() -> None:
@@ -521,6 +582,9 @@ def test_repeated_set_returns_the_first_result_even_after_other_writes() -> None
     clock.advance(1)
     assert ok(do(engine, C.SET, "g", "k", enc("b"), op_id="s1", ttl=10)) == first
     assert entry_of(engine, "g", "k") == (enc("c"), 3, T0, None)
+    # the remembered result does not hold the set's own value again: a repeat brings it along
+    (record,) = [r for r in engine.take_changes().op_records if r.op_id == op_scope("g", "k", "s1")]
+    assert enc("b") not in record.result
 
 
 def test_repeated_delete_and_clear_apply_once() -> None:
@@ -541,19 +605,94 @@ def test_repeated_delete_and_clear_apply_once() -> None:
     assert ok(do(engine, C.DELETE, "g", "z", op_id="d2")) is None
     assert ok(do(engine, C.GET, "g", "z")) == enc(5)
     records = engine.take_changes().op_records
-    assert [r.op_id for r in records] == ["d1", "c1", "d2"]
-    assert [pickle.loads(r.result) for r in records] == [enc(1), 2, None]
+    scopes = [("g", "k", "d1"), ("g", None, "c1"), ("g", "z", "d2")]
+    assert [r.op_id for r in records] == [op_scope(*scope) for scope in scopes]
+    assert [pickle.loads(r.result)[1] for r in records] == [enc(1), 2, None]
 
 
-def test_different_op_ids_apply_each() -> None:
+def test_an_op_id_is_scoped_to_its_group_and_key() -> None:
+    """Item 1: the same op_id on another key (or group) is another write, and it applies."""
     engine, _clock = make()
-    for op_id in ["a", "b", "~a", "~b", "A"]:
-        ok(do(engine, C.UPDATE, "g", "k", INCR, op_id=op_id))
-    assert pickle.loads(ok(do(engine, C.GET, "g", "k"))) == {"n": 5}
-    assert entry_of(engine, "g", "k")[1] == 5
-    assert set(engine.ops) == {"a", "b", "A"}
-    assert set(engine.auto_ops) == {"~a", "~b"}
+    assert ok(do(engine, C.SET, "g", "a", enc(1), op_id="evt-1")) == (None, enc(1))
+    assert ok(do(engine, C.SET, "g", "b", enc(2), op_id="evt-1")) == (None, enc(2))
+    _old, new = ok(do(engine, C.UPDATE, "other", "a", INCR, op_id="evt-1"))
+    assert pickle.loads(new) == {"n": 1}
+    assert ok(do(engine, C.DELETE, "g", "c", op_id="evt-1")) is None
+    assert ok(do(engine, C.CLEAR, "h", op_id="evt-1")) == 0
+    assert ok(do(engine, C.GET, "g", "a")) == enc(1)
+    assert ok(do(engine, C.GET, "g", "b")) == enc(2)
+    assert pickle.loads(ok(do(engine, C.GET, "other", "a"))) == {"n": 1}
+    # and each is still a once-only write on its own key
+    assert ok(do(engine, C.SET, "g", "b", enc(2), op_id="evt-1")) == (None, enc(2))
+    assert pickle.loads(ok(do(engine, C.UPDATE, "other", "a", INCR, op_id="evt-1"))[1]) == {"n": 1}
     assert len(engine.take_changes().op_records) == 5
+
+
+@pytest.mark.parametrize(
+    ("again", "opts"),
+    [
+        ((C.SET, "k", "x"), {}),  # another value
+        ((C.SET, "k", 1), {"ttl": 5}),  # the same value with another ttl
+        ((C.SET, "k", 1), {"expected_version": 1}),  # ... or another expected version
+        ((C.UPDATE, "k", INCR), {}),  # another command
+        ((C.DELETE, "k", None), {}),
+    ],
+)
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_an_op_id_reused_for_a_different_call_is_invalid_input(
+    again: tuple[str, str, Any], opts: dict[str, Any], reloaded: bool
+) -> None:
+    """Item 1: the same op_id on the same key with another call changes nothing and says so."""
+    engine, _clock = make()
+    first = ok(do(engine, C.SET, "g", "k", enc(1), op_id="evt-1"))
+    if reloaded:  # the fingerprint comes back from storage after a restart
+        engine = reload(engine, engine.take_changes().op_records)
+    engine.take_changes()
+    before, ops_before = snapshot(engine), op_snapshot(engine)
+    kind, key, value = again
+    arg = enc(value) if kind == C.SET else value
+    failed = err(do(engine, kind, "g", key, arg, op_id="evt-1", **opts), InvalidInput)
+    assert "reused for a different call" in str(failed)
+    assert snapshot(engine) == before
+    assert not engine.take_changes()
+    assert op_snapshot(engine).__len__() == len(ops_before)
+    # the same call still gets its first result
+    assert ok(do(engine, C.SET, "g", "k", enc(1), op_id="evt-1")) == first
+
+
+def test_an_automatic_op_id_reused_by_another_kind_of_command_is_refused() -> None:
+    engine, _clock = make()
+    assert ok(do(engine, C.DELETE, "g", "k", op_id="~p1:1")) is None
+    failed = err(do(engine, C.SET, "g", "k", enc(1), op_id="~p1:1"), InvalidInput)
+    assert "reused" in str(failed)
+    assert ok(do(engine, C.GET, "g", "k")) is None
+
+
+def test_remembered_results_are_bounded_in_ram_by_bytes() -> None:
+    """Item 1: a large result is kept in storage only (read back on a repeat), not in RAM."""
+    store: dict[str, bytes] = {}
+    engine, _clock = make(fetch_op=store.get)
+    big = b"B" * (RESULT_RAM_ITEM + 1)
+    ok(do(engine, C.SET, "g", "k", big))
+    first = ok(do(engine, C.SET, "g", "k", enc(2), op_id="replace-big"))  # old value: 64 KiB + 1
+    assert first == (big, enc(2))
+    assert engine.result_bytes == 0  # not kept in RAM
+    for record in engine.take_changes().op_records:
+        store[record.op_id] = record.result  # what storage would commit
+    ok(do(engine, C.SET, "g", "k", enc(3)))
+    assert ok(do(engine, C.SET, "g", "k", enc(2), op_id="replace-big")) == first  # read back from storage
+    assert engine.result_bytes == 0
+    # small results are kept, and counted
+    ok(do(engine, C.UPDATE, "g", "s", INCR, op_id="small"))
+    assert 0 < engine.result_bytes < 100
+    # without storage for results (memory durability) a large one is forgotten: a repeat reports the
+    # key's current value and applies nothing
+    volatile, _ = make(fetch_op=None)
+    ok(do(volatile, C.SET, "g", "k", big))
+    ok(do(volatile, C.SET, "g", "k", enc(2), op_id="replace-big"))
+    ok(do(volatile, C.SET, "g", "k", enc(3)))
+    assert ok(do(volatile, C.SET, "g", "k", enc(2), op_id="replace-big")) == (None, enc(3))
+    assert ok(do(volatile, C.GET, "g", "k")) == enc(3)
 
 
 def test_a_failed_write_is_not_remembered() -> None:
@@ -573,7 +712,8 @@ def test_a_failed_write_is_not_remembered() -> None:
     assert pickle.loads(ok(do(engine, C.UPDATE, "g", "k", INCR, op_id="u1"))[1]) == {"n": 2}
     assert ok(do(engine, C.SET, "g", "k", enc(9), op_id="u2", expected_version=3))[1] == enc(9)
     assert ok(do(engine, C.DELETE, "g", "k", op_id="u3", expected_version=4)) == enc(9)
-    assert [r.op_id for r in engine.take_changes().op_records] == ["u1", "u2", "u3"]
+    records = engine.take_changes().op_records
+    assert [r.op_id for r in records] == [op_scope("g", "k", o) for o in ("u1", "u2", "u3")]
 
 
 def test_sweep_forgets_op_results_after_their_retention() -> None:
@@ -590,10 +730,10 @@ def test_sweep_forgets_op_results_after_their_retention() -> None:
     clock.now = T0 + 10.5
     engine.sweep()
     changes = engine.take_changes()
-    assert changes.pruned_ops == ["~auto-1"]
+    assert changes.pruned_ops == [op_scope("g", "k", "~auto-1")]
     assert not changes.entries
-    assert set(engine.auto_ops) == {"~auto-2"}
-    assert set(engine.ops) == {"user-1", "user-2"}
+    assert op_names(engine.auto_ops) == {"~auto-2"}
+    assert op_names(engine.ops) == {"user-1", "user-2"}
     # the forgotten op applies again; the kept ones do not
     assert pickle.loads(ok(do(engine, C.UPDATE, "g", "k", INCR, op_id="~auto-1"))[1]) == {"n": 5}
     assert pickle.loads(ok(do(engine, C.UPDATE, "g", "k", INCR, op_id="~auto-2"))[1]) == {"n": 3}
@@ -601,12 +741,14 @@ def test_sweep_forgets_op_results_after_their_retention() -> None:
     engine.take_changes()
     clock.now = T0 + 100.5
     engine.sweep()
-    assert engine.take_changes().pruned_ops == ["user-1", "~auto-2", "~auto-1"]
-    assert set(engine.ops) == {"user-2"}
+    pruned = engine.take_changes().pruned_ops
+    assert pruned == [op_scope("g", "k", o) for o in ("user-1", "~auto-2", "~auto-1")]
+    assert op_names(engine.ops) == {"user-2"}
     clock.now = T0 + 105.5
     engine.sweep()
-    assert engine.take_changes().pruned_ops == ["user-2"]
+    assert engine.take_changes().pruned_ops == [op_scope("g", "k", "user-2")]
     assert op_snapshot(engine) == ({}, {})
+    assert engine.result_bytes == 0  # what was kept in RAM is given back
 
 
 def test_sweep_with_an_explicit_time_prunes_against_it() -> None:
@@ -616,7 +758,7 @@ def test_sweep_with_an_explicit_time_prunes_against_it() -> None:
     engine.sweep(now=T0 + 50)
     assert not engine.take_changes()
     engine.sweep(now=T0 + 50.01)
-    assert engine.take_changes().pruned_ops == ["o"]
+    assert engine.take_changes().pruned_ops == [op_scope("g", "k", "o")]
 
 
 def test_repeats_are_deduplicated_after_load() -> None:
@@ -629,7 +771,7 @@ def test_repeats_are_deduplicated_after_load() -> None:
     assert len(records) == 3
     clock.advance(1)
     fresh = reload(engine, records, op_retention=100.0, auto_op_retention=10.0)
-    assert ok(do(fresh, C.SET, "g", "k", enc("other"), op_id="set-1")) == first_set
+    assert ok(do(fresh, C.SET, "g", "k", enc({"n": 10}), op_id="set-1")) == first_set
     assert ok(do(fresh, C.UPDATE, "g", "k", INCR, op_id="~up-1")) == first_update
     assert ok(do(fresh, C.CLEAR, "h", op_id="clr")) == first_clear
     assert pickle.loads(ok(do(fresh, C.GET, "g", "k"))) == {"n": 11}
@@ -638,31 +780,32 @@ def test_repeats_are_deduplicated_after_load() -> None:
     # the loaded records keep their creation times: pruned on the original schedule
     clock.now = T0 + 11.5
     fresh.sweep()
-    assert fresh.take_changes().pruned_ops == ["~up-1"]
+    assert fresh.take_changes().pruned_ops == [op_scope("g", "k", "~up-1")]
     clock.now = T0 + 100.5
     fresh.sweep()
-    assert fresh.take_changes().pruned_ops == ["set-1"]
+    assert fresh.take_changes().pruned_ops == [op_scope("g", "k", "set-1")]
 
 
 def test_a_loaded_op_result_is_fetched_once_and_only_when_repeated() -> None:
     engine, clock = make()
-    first = [ok(do(engine, C.UPDATE, "g", "k", INCR, op_id=op_id)) for op_id in ("a", "~b", "c")]
+    calls = [(C.UPDATE, INCR, "a"), (C.UPDATE, INCR, "~b"), (C.SET, enc(0), "c")]
+    first = [ok(do(engine, kind, "g", "k", arg, op_id=op_id)) for kind, arg, op_id in calls]
     records = engine.take_changes().op_records
     ops = FakeOpStore(records)
     fresh = reload(engine, records, fetch_op=ops.fetch)
-    assert set(fresh.ops) == {"a", "c"}
-    assert set(fresh.auto_ops) == {"~b"}
+    assert op_names(fresh.ops) == {"a", "c"}
+    assert op_names(fresh.auto_ops) == {"~b"}
     assert ops.asked == []  # a restart reads no results
     clock.advance(1)
     assert ok(do(fresh, C.UPDATE, "g", "k", INCR, op_id="~b")) == first[1]
     assert ok(do(fresh, C.UPDATE, "g", "k", INCR, op_id="~b")) == first[1]
     assert ok(do(fresh, C.SET, "g", "k", enc(0), op_id="c")) == first[2]
-    assert ops.asked == ["~b", "c"]  # each fetched once, then kept
-    assert pickle.loads(ok(do(fresh, C.GET, "g", "k"))) == {"n": 3}
+    assert ops.asked == [op_scope("g", "k", "~b"), op_scope("g", "k", "c")]  # each fetched once, then kept
+    assert pickle.loads(ok(do(fresh, C.GET, "g", "k"))) == 0
     assert not fresh.take_changes()
     # a new op_id is a new write, not a fetch
-    assert pickle.loads(ok(do(fresh, C.UPDATE, "g", "k", INCR, op_id="d"))[1]) == {"n": 4}
-    assert ops.asked == ["~b", "c"]
+    assert pickle.loads(ok(do(fresh, C.UPDATE, "g", "j", INCR, op_id="d"))[1]) == {"n": 1}
+    assert len(ops.asked) == 2
 
 
 @pytest.mark.parametrize("fetch", ["none", "missing"])
@@ -687,7 +830,7 @@ def test_load_restores_entries_and_their_expiry() -> None:
     ok(do(engine, C.SET, "g", "c", enc(3), ttl=50))
     fresh = reload(engine, [])
     assert ok(do(fresh, C.ITEMS, "g")) == [("a", enc(1)), ("b", enc(2)), ("c", enc(3))]
-    assert entry_of(fresh, "g", "c") == (enc(3), 1, T0, T0 + 50)
+    assert entry_of(fresh, "g", "c") == (enc(3), 3, T0, T0 + 50)
     clock.advance(5)
     assert fresh.sweep() == 1
     assert ok(do(fresh, C.ITEMS, "g")) == [("b", enc(2)), ("c", enc(3))]
@@ -701,58 +844,72 @@ def test_load_of_already_expired_entries_hides_and_deletes_them() -> None:
     loaded = Loaded(
         [("g", "old", enc(1), 4, T0 - 20, T0 - 10), ("g", "live", enc(2), 2, T0 - 20, T0 + 10)],
         [],
+        seq=4,
     )
     engine.load(loaded)
     assert ok(do(engine, C.ITEMS, "g")) == [("live", enc(2))]
     assert engine.take_changes().entries == {("g", "old"): (None, False)}
     assert entry_of(engine, "g", "live") == (enc(2), 2, T0 - 20, T0 + 10)
     ok(do(engine, C.SET, "g", "live", enc(3)))
-    assert entry_of(engine, "g", "live")[1] == 3
+    assert entry_of(engine, "g", "live")[1] == 6  # seq 5 was the expiry of "old"
 
 
 def _big(n: int) -> bytes:
     return b"B" * n
 
 
-@pytest.mark.parametrize("kind", [C.SET, C.UPDATE])
-def test_an_auto_op_with_a_large_result_repeats_as_the_current_value(kind: str) -> None:
+def test_an_auto_update_with_a_large_result_repeats_as_the_current_value() -> None:
     engine, _clock = make()
     small = enc({"s": ""})
     ok(do(engine, C.SET, "g", "k", small))
-    if kind == C.SET:
-        arg = _big(AUTO_RESULT_LIMIT)
-    else:
-        arg = [{"type": "set", "path": "s", "value": "x" * AUTO_RESULT_LIMIT}]
-    first = ok(do(engine, kind, "g", "k", arg, op_id="~big"))
+    arg = [{"type": "set", "path": "s", "value": "x" * AUTO_RESULT_LIMIT}]
+    first = ok(do(engine, C.UPDATE, "g", "k", arg, op_id="~big"))
     assert first[0] == small
     assert len(first[0]) + len(first[1]) > AUTO_RESULT_LIMIT
     record = engine.take_changes().op_records[0]
     assert len(record.result) < 1024  # the result itself was not kept
     ok(do(engine, C.SET, "g", "k", enc("later")))
-    again = ok(do(engine, kind, "g", "k", arg, op_id="~big"))
+    again = ok(do(engine, C.UPDATE, "g", "k", arg, op_id="~big"))
     assert again == (None, enc("later"))
     assert ok(do(engine, C.GET, "g", "k")) == enc("later")  # and nothing applied again
     assert entry_of(engine, "g", "k")[1] == 3
     ok(do(engine, C.DELETE, "g", "k"))
-    assert ok(do(engine, kind, "g", "k", arg, op_id="~big")) == (None, None)
+    assert ok(do(engine, C.UPDATE, "g", "k", arg, op_id="~big")) == (None, None)
     assert ok(do(engine, C.GET, "g", "k")) is None
     # the marker survives a restart
     fresh = reload(engine, [record])
     ok(do(fresh, C.SET, "g", "k", enc("after restart")))
-    assert ok(do(fresh, kind, "g", "k", arg, op_id="~big")) == (None, enc("after restart"))
-    assert entry_of(fresh, "g", "k")[1] == 1
+    assert ok(do(fresh, C.UPDATE, "g", "k", arg, op_id="~big")) == (None, enc("after restart"))
+
+
+def test_an_auto_set_keeps_its_result_without_its_own_value() -> None:
+    """A set's new value is its argument: even a large one costs nothing to remember."""
+    engine, _clock = make()
+    ok(do(engine, C.SET, "g", "k", b"o" * 100))
+    big = _big(AUTO_RESULT_LIMIT * 4)
+    first = ok(do(engine, C.SET, "g", "k", big, op_id="~s"))
+    record = engine.take_changes().op_records[0]
+    assert len(record.result) < 1024
+    ok(do(engine, C.SET, "g", "k", enc("next")))
+    assert ok(do(engine, C.SET, "g", "k", big, op_id="~s")) == first == (b"o" * 100, big)
+    assert ok(do(engine, C.GET, "g", "k")) == enc("next")
 
 
 def test_auto_result_limit_boundary_and_user_ops_kept_whole() -> None:
     engine, _clock = make()
-    ok(do(engine, C.SET, "g", "k", b"o" * 100))
-    exact = ok(do(engine, C.SET, "g", "k", _big(AUTO_RESULT_LIMIT - 100), op_id="~exact"))
+    ok(do(engine, C.SET, "g", "k", enc({"s": ""})))
+    at_limit = {"s": "x" * (AUTO_RESULT_LIMIT // 2 - 40)}
+    arg = [{"type": "set", "path": "s", "value": at_limit["s"]}]
+    exact = ok(do(engine, C.UPDATE, "g", "k", arg, op_id="~exact"))
+    assert len(exact[0] or b"") + len(exact[1]) <= AUTO_RESULT_LIMIT
     ok(do(engine, C.SET, "g", "k", enc("next")))
-    assert ok(do(engine, C.SET, "g", "k", b"?", op_id="~exact")) == exact  # exactly the limit: kept
-    over = ok(do(engine, C.SET, "g", "k", _big(AUTO_RESULT_LIMIT), op_id="user-big"))
-    ok(do(engine, C.SET, "g", "k", enc("next2")))
-    assert ok(do(engine, C.SET, "g", "k", b"?", op_id="user-big")) == over  # user op_ids: always whole
-    assert ok(do(engine, C.GET, "g", "k")) == enc("next2")
+    assert ok(do(engine, C.UPDATE, "g", "k", arg, op_id="~exact")) == exact  # within the limit: kept
+    big = [{"type": "set", "path": "s", "value": "y" * AUTO_RESULT_LIMIT}]
+    ok(do(engine, C.SET, "g", "j", enc({"s": ""})))
+    over = ok(do(engine, C.UPDATE, "g", "j", big, op_id="user-big"))
+    ok(do(engine, C.SET, "g", "j", enc("next2")))
+    assert ok(do(engine, C.UPDATE, "g", "j", big, op_id="user-big")) == over  # user op_ids: always whole
+    assert ok(do(engine, C.GET, "g", "j")) == enc("next2")
 
 
 def test_a_repeated_auto_delete_of_a_large_value_keeps_the_delete_payload_shape() -> None:
@@ -762,8 +919,7 @@ def test_a_repeated_auto_delete_of_a_large_value_keeps_the_delete_payload_shape(
     assert ok(do(engine, C.DELETE, "g", "k", op_id=f"{AUTO_OP_PREFIX}del")) == big
     ok(do(engine, C.SET, "g", "k", enc("new")))
     again = ok(do(engine, C.DELETE, "g", "k", op_id=f"{AUTO_OP_PREFIX}del"))
-    assert again is None or isinstance(again, bytes), again  # the delete's shape, not (None, current)
-    assert again == big  # a delete's result is kept whole
+    assert again == big  # a delete's result is kept whole (shape: bytes, not (None, current))
     assert ok(do(engine, C.GET, "g", "k")) == enc("new")
 
 
@@ -802,16 +958,3 @@ def test_op_id_on_reads_is_ignored(op_id: Any) -> None:
     if isinstance(op_id, str) and op_id:
         # a read's op_id does not make a later write with it a repeat
         assert ok(do(engine, C.SET, "g", "k", enc(3), op_id=op_id)) == (enc(2), enc(3))
-
-
-def test_the_op_id_alone_identifies_the_call() -> None:
-    """A repeat with other arguments (another key, another kind) still gets the first result."""
-    engine, _clock = make()
-    first = ok(do(engine, C.SET, "g", "k", enc(1), op_id="same"))
-    assert ok(do(engine, C.SET, "g", "other", enc(2), op_id="same")) == first
-    assert ok(do(engine, C.DELETE, "g", "k", op_id="same")) == first
-    assert ok(do(engine, C.GET, "g", "other")) is None
-    assert ok(do(engine, C.GET, "g", "k")) == enc(1)
-    changes = engine.take_changes()
-    assert list(changes.entries) == [("g", "k")]
-    assert [r.op_id for r in changes.op_records] == ["same"]

@@ -11,7 +11,10 @@ import shardstate
 from shardstate._errors import (
     ERROR_CLASSES,
     ConflictError,
+    DecodeError,
+    Deferred,
     InvalidInput,
+    ShardLoading,
     StaleShardMap,
     StateError,
     Unavailable,
@@ -42,8 +45,11 @@ def test_error_classes_are_the_family() -> None:
         ValueTooLarge,
         UpdateError,
         ConflictError,
+        DecodeError,
         Unavailable,
         StaleShardMap,
+        ShardLoading,
+        Deferred,
     }
 
 
@@ -88,6 +94,8 @@ def test_hierarchy() -> None:
     assert issubclass(InvalidInput, ValueError)
     assert issubclass(ValueTooLarge, ValueError)
     assert issubclass(StaleShardMap, Unavailable)
+    assert issubclass(ShardLoading, Unavailable)
+    assert ShardLoading("loading, 5%").retriable is True
     assert not issubclass(UpdateError, InvalidInput)
     assert not issubclass(ConflictError, InvalidInput)
     assert not issubclass(Unavailable, InvalidInput)

@@ -27,7 +27,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from shardstate._errors import StateError
 from shardstate.shards import commands as C
 from shardstate.shards.commands import command
-from shardstate.shards.engine import AUTO_OP_PREFIX, AUTO_RESULT_LIMIT, ShardEngine
+from shardstate.shards.engine import (
+    AUTO_OP_PREFIX,
+    AUTO_RESULT_LIMIT,
+    ShardEngine,
+    call_fingerprint,
+    op_scope,
+)
 from shardstate.shards.records import Changes, Entry, Loaded, OpRecord
 from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, StorageError, open_storage
 
@@ -180,9 +186,14 @@ def result_size(payload: Any) -> int:
     return sum(len(p) for p in parts if isinstance(p, bytes))
 
 
-def created(table: dict[str, tuple[float, Any]]) -> dict[str, float]:
-    """op_id -> creation time, from an engine's op table (loaded results are fetched lazily)."""
-    return {op_id: created_at for op_id, (created_at, _) in table.items()}
+def created(table: dict[str, tuple[float, Any, Any]]) -> dict[str, float]:
+    """scoped op_id -> creation time, from an engine's op table (loaded results are fetched lazily)."""
+    return {scoped: row[0] for scoped, row in table.items()}
+
+
+def same_call(a: C.Command, b: C.Command) -> bool:
+    """Whether two write commands are the same call (what an op_id's fingerprint compares)."""
+    return call_fingerprint(a[0], a[3], a[4] or {}) == call_fingerprint(b[0], b[3], b[4] or {})
 
 
 class Remembered(NamedTuple):
@@ -204,7 +215,7 @@ class StorageMachine(RuleBasedStateMachine):
         self.sqlite = self.fresh(self.sqlite_storage)
         self.replica_storage = SqliteStorage(self.path, durability="os")
         self.reloaded = self.fresh(self.replica_storage)
-        #: op_id -> what its first successful write returned (until the engines forget it)
+        #: scoped op_id -> what its first successful write returned (until the engines forget it)
         self.remembered: dict[str, Remembered] = {}
 
     def teardown(self) -> None:
@@ -248,19 +259,31 @@ class StorageMachine(RuleBasedStateMachine):
         return results[0]
 
     def check_op_id(self, cmd: C.Command, result: tuple[bool, Any], now: float) -> None:
-        kind, _group, _key, _arg, opts = cmd
+        kind, group, key, _arg, opts = cmd
         op_id = (opts or {}).get("op_id")
         if kind not in C.WRITES or op_id is None:
             return
-        seen = self.remembered.get(op_id)
+        scoped = op_scope(group, key, op_id)
+        seen = self.remembered.get(scoped)
+        if seen is not None and not same_call(cmd, seen.cmd):
+            if op_id.startswith(AUTO_OP_PREFIX) and kind == seen.cmd[0]:
+                ok(result)  # clients never reuse an automatic op_id: only its kind is checked
+            else:  # an op_id reused for another call on the same key: refused, nothing applied
+                assert result[0] is False, result
+                assert type(result[1]).__name__ == "InvalidInput", result
+                assert "reused for a different call" in str(result[1])
+            return
         if seen is None:
             if result[0]:
-                forgotten = (  # only set/update (tuple payloads) forget large auto results; delete keeps them
+                # only set/update forget large auto results (a set's own argument is not counted:
+                # a repeat has it); delete keeps them
+                kept = result[1][:1] if kind == C.SET else result[1]
+                forgotten = (
                     op_id.startswith(AUTO_OP_PREFIX)
                     and isinstance(result[1], tuple)
-                    and result_size(result[1]) > AUTO_RESULT_LIMIT
+                    and result_size(kept) > AUTO_RESULT_LIMIT
                 )
-                self.remembered[op_id] = Remembered(now, cmd, result[1], forgotten)
+                self.remembered[scoped] = Remembered(now, cmd, result[1], forgotten)
             return
         payload = ok(result)  # a repeat never fails: it is answered from memory
         if seen.forgotten:
@@ -292,10 +315,11 @@ class StorageMachine(RuleBasedStateMachine):
         self.commit()
         assert counts[1] == counts[0]
         assert counts[2] == counts[0]
-        for op_id, seen in list(self.remembered.items()):
-            retention = AUTO_OP_RETENTION if op_id.startswith(AUTO_OP_PREFIX) else OP_RETENTION
+        for scoped, seen in list(self.remembered.items()):
+            auto = scoped.rsplit("\x00", 1)[-1].startswith(AUTO_OP_PREFIX)
+            retention = AUTO_OP_RETENTION if auto else OP_RETENTION
             if seen.created_at < now - retention:
-                del self.remembered[op_id]
+                del self.remembered[scoped]
 
     @rule(replace_sqlite=st.booleans(), durability=st.sampled_from(["os", "fsync"]))
     def restart(self, replace_sqlite: bool, durability: str) -> None:
@@ -459,12 +483,13 @@ def test_a_key_deleted_and_created_again_in_one_batch_moves_to_the_end(storage: 
         command(C.SET, "g", "b", enc(2)),
     )
     changes = _commit(engine, storage)
-    assert changes.entries[("g", "a")] == (Entry(enc("a2"), 1, T0, None), True)
+    # versions are the shard's seqs: _setup wrote seqs 1-4, the delete took 5
+    assert changes.entries[("g", "a")] == (Entry(enc("a2"), 6, T0, None), True)
     loaded = reopen(storage.path)
     assert keys_in_order(loaded, "g") == ["b", "c", "a"]
     assert layout(loaded.entries) == engine_layout(engine)
-    assert layout(loaded.entries)["g"][2] == ("a", Entry(enc("a2"), 1, T0, None))
-    assert layout(loaded.entries)["g"][0] == ("b", Entry(enc(2), 2, T0, None))
+    assert layout(loaded.entries)["g"][2] == ("a", Entry(enc("a2"), 6, T0, None))
+    assert layout(loaded.entries)["g"][0] == ("b", Entry(enc(2), 7, T0, None))
 
 
 def test_clear_then_put_in_one_batch(storage: SqliteStorage) -> None:
@@ -483,7 +508,8 @@ def test_clear_then_put_in_one_batch(storage: SqliteStorage) -> None:
     assert keys_in_order(loaded, "g") == ["c", "a"]
     assert keys_in_order(loaded, "h") == ["x"]
     assert layout(loaded.entries) == engine_layout(engine)
-    assert [e.version for _, e in layout(loaded.entries)["g"]] == [1, 1]
+    # re-created keys get new versions, never their old ones (seqs: the clear took 6-9)
+    assert [e.version for _, e in layout(loaded.entries)["g"]] == [10, 11]
 
 
 def test_put_then_clear_in_one_batch_leaves_the_group_empty(storage: SqliteStorage) -> None:
@@ -512,7 +538,7 @@ def test_create_delete_create_in_one_batch(storage: SqliteStorage) -> None:
     loaded = reopen(storage.path)
     assert keys_in_order(loaded, "g") == ["a", "b", "c", "m", "n"]
     assert layout(loaded.entries) == engine_layout(engine)
-    assert layout(loaded.entries)["g"][-1] == ("n", Entry(enc(3), 1, T0, None))
+    assert layout(loaded.entries)["g"][-1] == ("n", Entry(enc(3), 8, T0, None))
 
 
 def test_insertion_order_survives_many_batches_and_a_restart(storage: SqliteStorage) -> None:
@@ -546,10 +572,10 @@ def test_a_rewritten_key_keeps_its_row_and_takes_the_new_metadata(storage: Sqlit
     clock = FakeClock()
     engine = _engine(clock)
     steps: list[tuple[Any, ...]] = [
-        (command(C.SET, "g", "k", enc(1), {"ttl": 10}), (enc(1), 1, T0, T0 + 10)),
-        (command(C.SET, "g", "k", enc(2)), (enc(2), 2, T0 + 1, None)),  # no ttl: the TTL is gone
+        (command(C.SET, "g", "k", enc(1), {"ttl": 10}), (enc(1), 2, T0, T0 + 10)),
+        (command(C.SET, "g", "k", enc(2)), (enc(2), 3, T0 + 1, None)),  # no ttl: the TTL is gone
         (command(C.UPDATE, "g", "k", [{"type": "set", "path": "", "value": 3}], {"ttl": 5}), None),
-        (command(C.SET, "g", "k", enc(4), {"ttl": 50}), (enc(4), 4, T0 + 3, T0 + 53)),
+        (command(C.SET, "g", "k", enc(4), {"ttl": 50}), (enc(4), 5, T0 + 3, T0 + 53)),
         (command(C.UPDATE, "g", "k", [{"type": "set", "path": "", "value": 5}]), None),  # keeps the TTL
     ]
     run(engine, command(C.SET, "g", "first", enc(0)))
@@ -562,8 +588,8 @@ def test_a_rewritten_key_keeps_its_row_and_takes_the_new_metadata(storage: Sqlit
         assert stored[1][1] == engine.store.get("g", "k")
         if expected is not None:
             assert tuple(stored[1][1]) == expected
-    assert tuple(engine.store.get("g", "k") or ())[1:] == (5, T0 + 4, T0 + 53)
-    assert tuple(layout(reopen(storage.path).entries)["g"][1][1])[1:] == (5, T0 + 4, T0 + 53)
+    assert tuple(engine.store.get("g", "k") or ())[1:] == (6, T0 + 4, T0 + 53)
+    assert tuple(layout(reopen(storage.path).entries)["g"][1][1])[1:] == (6, T0 + 4, T0 + 53)
 
 
 def test_entries_and_op_records_round_trip_exactly(storage: SqliteStorage) -> None:
@@ -581,20 +607,25 @@ def test_entries_and_op_records_round_trip_exactly(storage: SqliteStorage) -> No
     loaded = reopen(storage.path)
     assert layout(loaded.entries) == engine_layout(engine)
     ttl_entry = layout(loaded.entries)["g"][0][1]
-    assert ttl_entry == Entry(enc({"v": 2}), 2, clock.now, clock.now + 1e-3)
-    assert sorted(loaded.op_ids) == [("o1", clock.now), ("~auto", clock.now)]
-    assert stored_result(storage.path, "o1") == (None, enc({"v": 1}))
-    old, new = stored_result(storage.path, "~auto")
-    assert (old, pickle.loads(new)) == (None, {"n": 1})
-    assert storage.fetch_op("o1") == pickle.dumps((None, enc({"v": 1})), protocol=pickle.HIGHEST_PROTOCOL)
+    assert ttl_entry == Entry(enc({"v": 2}), 4, clock.now, clock.now + 1e-3)
+    o1, auto = op_scope("g", "ttl", "o1"), op_scope("g", "none2", "~auto")
+    assert sorted(loaded.op_ids) == sorted([(o1, clock.now), (auto, clock.now)])
+    # a record holds the call's fingerprint and its result (a set's own value is not stored again)
+    fingerprint, result = stored_result(storage.path, o1)
+    assert fingerprint == call_fingerprint(C.SET, enc({"v": 1}), {"ttl": 0.1, "op_id": "o1"})
+    assert result[0] is None
+    assert pickle.loads(pickle.dumps(result)) == result
+    kind, (old, new) = stored_result(storage.path, auto)
+    assert (kind, old, pickle.loads(new)) == (C.UPDATE.encode(), None, {"n": 1})
+    assert storage.fetch_op("o1") is None  # records are found by their scope
     assert storage.fetch_op("nope") is None
     # pruning removes the records from the file
     clock.now += 11
     engine.sweep()
     changes = _commit(engine, storage)
-    assert changes.pruned_ops == ["o1"]
-    assert reopen(storage.path).op_ids == [("~auto", clock.now - 11)]
-    assert storage.fetch_op("o1") is None
+    assert changes.pruned_ops == [o1]
+    assert reopen(storage.path).op_ids == [(auto, clock.now - 11)]
+    assert storage.fetch_op(o1) is None
 
 
 def test_a_restarted_engine_still_deduplicates_and_expires(storage: SqliteStorage) -> None:
@@ -614,9 +645,10 @@ def test_a_restarted_engine_still_deduplicates_and_expires(storage: SqliteStorag
     clock.now += 1
     assert run(restarted, command(C.UPDATE, "g", "k", INCR, {"op_id": "job"}))[0] == first[0]
     assert first[2] == (None, BIG)
-    assert run(restarted, command(C.SET, "g", "big", enc(0), {"op_id": "~big"}))[0] == (None, enc("other"))
+    # the set's own (large) value is not kept: the repeat has it; the first result comes back
+    assert run(restarted, command(C.SET, "g", "big", BIG, {"op_id": "~big"}))[0] == (None, BIG)
     assert run(restarted, command(C.ENTRY, "g", "k"))[0] == (first[0][1], 1, T0, None)
-    assert run(restarted, command(C.ENTRY, "g", "big"))[0] == (enc("other"), 2, T0, None)
+    assert run(restarted, command(C.ENTRY, "g", "big"))[0] == (enc("other"), 4, T0, None)
     assert not restarted.take_changes()
     clock.now += 4
     assert restarted.sweep() == 1
@@ -633,9 +665,9 @@ def test_an_op_id_pruned_and_reused_in_one_change_set_stays_remembered(storage: 
     clock.now += 11
     engine.sweep()  # forgets "job" ...
     run(engine, command(C.UPDATE, "g", "k", INCR, {"op_id": "job"}))  # ... which then applies again
-    assert "job" in engine.ops
+    assert op_scope("g", "k", "job") in engine.ops
     _commit(engine, storage)  # one change set for both
-    assert [op_id for op_id, _ in reopen(storage.path).op_ids] == ["job"]
+    assert [op_id for op_id, _ in reopen(storage.path).op_ids] == [op_scope("g", "k", "job")]
 
 
 def test_an_op_id_recorded_and_pruned_in_one_change_set_is_forgotten(storage: SqliteStorage) -> None:
@@ -643,7 +675,7 @@ def test_an_op_id_recorded_and_pruned_in_one_change_set_is_forgotten(storage: Sq
     engine = ShardEngine(clock=clock, op_retention=10.0)
     run(engine, command(C.UPDATE, "g", "k", INCR, {"op_id": "job"}))
     engine.sweep(now=T0 + 11)  # forgets "job" before its record was committed
-    assert "job" not in engine.ops
+    assert not engine.ops
     _commit(engine, storage)  # one change set for both
     assert reopen(storage.path).op_ids == []
 
@@ -788,6 +820,10 @@ class _FailingDb:
             raise sqlite3.OperationalError("disk I/O error (simulated)")
         return self._db.executemany(*args)
 
+    @property
+    def in_transaction(self) -> bool:
+        return self._db.in_transaction
+
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
 def test_a_failed_commit_writes_nothing(storage: SqliteStorage, fail_at: int) -> None:
@@ -816,12 +852,12 @@ def test_a_failed_commit_writes_nothing(storage: SqliteStorage, fail_at: int) ->
     after = reopen(storage.path)
     assert layout(after.entries) == layout(before.entries)
     assert after.op_ids == before.op_ids
-    assert [op_id for op_id, _ in after.op_ids] == ["old"]
+    assert [op_id for op_id, _ in after.op_ids] == [op_scope("g", "a", "old")]
     # the transaction was rolled back, not left open: the same storage commits fine afterwards
     storage.commit(changes)
     final = reopen(storage.path)
     assert layout(final.entries) == engine_layout(engine)
-    assert [op_id for op_id, _ in final.op_ids] == ["op"]
+    assert [op_id for op_id, _ in final.op_ids] == [op_scope("g", "c", "op")]
 
 
 def test_a_commit_on_a_closed_connection_raises_and_writes_nothing(storage: SqliteStorage) -> None:
@@ -839,3 +875,99 @@ def test_an_empty_change_set_commits_nothing(db_path: Path) -> None:
     storage = SqliteStorage(db_path)
     storage.db.close()
     storage.commit(Changes())  # would raise if it touched the closed connection
+
+
+# -- a file belongs to one shard of one cluster (issue 9, item 15) ------------------------------
+def test_claim_stamps_a_new_file_and_accepts_it_again(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    assert storage.claim("cid-a", 0, 0, stamped_before=False) == 1
+    storage.close()
+    again = SqliteStorage(db_path, must_exist=True)
+    assert again.claim("cid-a", 0, 1, stamped_before=True) == 2  # each start counts one more
+    again.close()
+
+
+def test_claim_refuses_another_clusters_file(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    storage.claim("cid-a", 0, 0, stamped_before=False)
+    storage.commit(_changes_setting("g", "k", b"a's data"))
+    storage.close()
+    other = SqliteStorage(db_path)
+    with pytest.raises(StorageError) as err:
+        other.claim("cid-b", 0, 0, stamped_before=False)
+    assert str(db_path) in str(err.value)
+    assert "cid-a" in str(err.value)
+    assert "cid-b" in str(err.value)
+    other.close()
+    # nothing was changed by the refusal: the file still belongs to cluster a, with a's data
+    owner = SqliteStorage(db_path)
+    assert owner.claim("cid-a", 0, 1, stamped_before=True) == 2
+    assert [row[:3] for row in owner.load().entries] == [("g", "k", b"a's data")]
+    owner.close()
+
+
+def test_claim_refuses_another_shards_file_an_unstamped_stranger_and_an_old_copy(tmp_path: Path) -> None:
+    path = tmp_path / "shard-1.db"
+    storage = SqliteStorage(path)
+    storage.claim("cid", 1, 0, stamped_before=False)
+    storage.close()
+    saved = path.read_bytes()  # an old copy (start 1); WAL checkpointed on close
+    storage = SqliteStorage(path)
+    with pytest.raises(StorageError, match="shard 1's file"):
+        storage.claim("cid", 2, 0, stamped_before=False)
+    assert storage.claim("cid", 1, 1, stamped_before=True) == 2
+    storage.close()
+    old = tmp_path / "old" / "shard-1.db"
+    old.parent.mkdir()
+    old.write_bytes(saved)
+    stale = SqliteStorage(old)
+    with pytest.raises(StorageError, match="old copy"):
+        stale.claim("cid", 1, 2, stamped_before=True)
+    stale.close()
+    stranger = SqliteStorage(tmp_path / "stranger.db")
+    with pytest.raises(StorageError, match="carries no cluster id"):
+        stranger.claim("cid", 1, 2, stamped_before=True)
+    stranger.close()
+
+
+def test_a_file_of_an_older_version_is_adopted(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)  # no ids in it: written before files were stamped
+    storage.commit(_changes_setting("g", "k", b"v"))
+    assert storage.claim("cid", 0, 0, stamped_before=False) == 1
+    assert [row[:3] for row in storage.load().entries] == [("g", "k", b"v")]
+    storage.close()
+
+
+def test_memory_storage_starts_seqs_at_its_base() -> None:
+    loaded = MemoryStorage(seq_base=3 << 40).load()
+    assert (loaded.seq, loaded.acked_seq) == (3 << 40, 3 << 40)
+    engine = ShardEngine()
+    engine.load(loaded)
+    run(engine, command(C.SET, "g", "k", enc(1)))
+    assert engine.seq == (3 << 40) + 1
+    memory = open_storage(None, 0, "memory", seq_base=7)
+    assert memory.load().seq == 7
+
+
+# -- a full disk (issue 9, item 13) ---------------------------------------------------------------
+def test_a_full_disk_fails_the_commit_cleanly_and_recovers(db_path: Path) -> None:
+    storage = SqliteStorage(db_path)
+    storage.commit(_changes_setting("g", "kept", b"x" * 1000))
+    storage.limit_pages(0)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        storage.commit(_changes_setting("g", "big", b"y" * 100_000))
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        storage.probe()
+    assert storage.count_entries() == 1  # reads still work on a full disk, nothing half-written
+    assert [row[1] for row in storage.load().entries] == ["kept"]
+    storage.limit_pages(None)
+    storage.probe()
+    storage.commit(_changes_setting("g", "big", b"y" * 100_000))
+    assert [row[1] for row in storage.load().entries] == ["kept", "big"]
+    storage.close()
+
+
+def _changes_setting(group: str, key: str, data: bytes) -> Changes:
+    changes = Changes()
+    changes.put(group, key, Entry(data, 1, T0, None), created=True)
+    return changes

@@ -115,8 +115,6 @@ def ref_check(raw: Any, i: int) -> tuple[str, list[str], Any]:
             raise RefError(i, "bad_op")
         return kind, steps, by
     if kind == "remove":
-        if steps == []:
-            raise RefError(i, "bad_op")
         return kind, steps, None
     if "value" not in raw:
         raise RefError(i, "bad_op")
@@ -128,22 +126,32 @@ def ref_check(raw: Any, i: int) -> tuple[str, list[str], Any]:
     return kind, steps, value
 
 
-def ref_leaf(kind: str, cur: Any, arg: Any, i: int) -> Any:
-    """The new value of a target that currently is ``cur`` (maybe ABSENT)."""
+def ref_leaf(kind: str, cur: Any, arg: Any, i: int, path_len: int) -> Any:
+    """The new value of a target that currently is ``cur`` (maybe ABSENT); ``path_len`` 0: the whole value."""
     if kind == "set":
         return tree_copy(arg)
+    if kind == "remove":  # a remove at "" / []: the value becomes None
+        assert path_len == 0
+        return None
     if kind in ("increment", "decrement"):
         base = 0 if cur is ABSENT else cur
         if not is_num(base):
             raise RefError(i, "not_number")
         return base + arg if kind == "increment" else base - arg
     if kind == "merge":
-        base = {} if cur is ABSENT else cur
-        if not isinstance(base, dict):
+        if cur is ABSENT:
+            base = {}
+        elif isinstance(cur, dict):
+            base = cur
+        elif path_len > 0:  # iii's walk_or_create: a non-dict target at a path becomes {}
+            base = {}
+        else:
             raise RefError(i, "not_object")
         return {**base, **tree_copy(arg)}
     assert kind == "append"
-    if cur is ABSENT:
+    if cur is ABSENT and path_len >= 2:  # a nested path: a missing leaf always starts a list
+        return [tree_copy(arg)]
+    if cur is ABSENT or cur is None:
         return arg if isinstance(arg, str) else [tree_copy(arg)]
     if isinstance(cur, list):
         return [*cur, tree_copy(arg)]
@@ -152,16 +160,25 @@ def ref_leaf(kind: str, cur: Any, arg: Any, i: int) -> Any:
     raise RefError(i, "type_mismatch")
 
 
-def ref_step(node: Any, kind: str, steps: list[str], arg: Any, i: int) -> Any:
-    """Apply one op at ``steps`` below ``node``; return the new node (``node`` is not touched)."""
+def ref_step(node: Any, kind: str, steps: list[str], arg: Any, i: int, path_len: int) -> Any:
+    """Apply one op at ``steps`` below ``node``; return the new node (``node`` is not touched).
+
+    ``path_len`` is the length of the op's whole path, so ``path_len - len(steps)`` is the depth.
+    """
     if not steps:
-        return ref_leaf(kind, node, arg, i)
+        return ref_leaf(kind, node, arg, i, path_len)
     if node is ABSENT and kind == "remove" and REMOVE_KEEPS_A_MISSING_KEY_MISSING:
         return ABSENT
     if node is ABSENT:
         node = {}
+    at_root = len(steps) == path_len
     if not isinstance(node, dict):
-        raise RefError(i, "not_object")
+        # merge and append walk like iii's walk_or_create: a non-dict step becomes {}; append
+        # still needs the value itself to be a dict
+        if kind == "merge" or (kind == "append" and not at_root):
+            node = {}
+        else:
+            raise RefError(i, "not_object")
     head, rest = steps[0], steps[1:]
     out = dict(node)
     if kind == "remove" and not rest:
@@ -170,7 +187,7 @@ def ref_step(node: Any, kind: str, steps: list[str], arg: Any, i: int) -> Any:
     child = node.get(head, ABSENT)
     if kind == "remove" and child is ABSENT:
         return out  # removing below a missing field: nothing to do, nothing created
-    out[head] = ref_step(child, kind, rest, arg, i)
+    out[head] = ref_step(child, kind, rest, arg, i, path_len)
     return out
 
 
@@ -181,7 +198,7 @@ def ref_apply(value: Any, raw_ops: Any, exists: bool = True) -> Any:
     checked = [ref_check(op, i) for i, op in enumerate(raw_ops)]
     state = tree_copy(value) if exists else ABSENT
     for i, (kind, steps, arg) in enumerate(checked):
-        state = ref_step(state, kind, steps, arg, i)
+        state = ref_step(state, kind, steps, arg, i, len(steps))
     return {} if state is ABSENT else state
 
 
@@ -248,6 +265,8 @@ JSON_DICT = st.dictionaries(KEY, JSON, max_size=4)
 STORED = JSON_DICT | JSON | st.dictionaries(KEY, TEXT, max_size=3)
 PATH = KEY | st.lists(KEY, max_size=3) | st.lists(KEY, max_size=2).map(tuple)
 NONEMPTY_PATH = NONEMPTY_KEY | st.lists(KEY, min_size=1, max_size=3)
+# a remove at "" / [] ends most op lists' interest (the value becomes None): keep it rare
+REMOVE_PATH = st.sampled_from([NONEMPTY_PATH] * 4 + [PATH]).flatmap(lambda strategy: strategy)
 BY = st.integers(-5, 5) | st.floats(-10, 10, allow_nan=False)
 BAD_PATH = (
     st.integers(-2, 2)
@@ -301,7 +320,7 @@ def wire_op(draw: st.DrawFn, bad: bool = False) -> Any:
         elif shape == "path":
             op["path"] = draw(PATH)
     else:
-        op["path"] = draw(NONEMPTY_PATH if kind == "remove" else PATH)
+        op["path"] = draw(REMOVE_PATH if kind == "remove" else PATH)
     if kind in ("increment", "decrement") and draw(st.booleans()):
         op["by"] = draw(BY)
     if kind == "set":
@@ -410,6 +429,36 @@ def test_applying_in_two_steps_is_applying_at_once(
     assert canon(raw_ops) == ops_before
 
 
+AB = st.sampled_from(["a", "b"])
+AB_TREE = st.recursive(
+    SCALARS | st.lists(SCALARS, max_size=2), lambda kids: st.dictionaries(AB, kids, max_size=2), max_leaves=6
+)
+AB_PATH = st.lists(AB, min_size=1, max_size=3) | AB
+
+
+@st.composite
+def walking_op(draw: st.DrawFn) -> dict[str, Any]:
+    """An op at a short path over two field names, so it often meets None, scalars and lists on the way."""
+    kind = draw(st.sampled_from(["merge", "merge", "append", "append", "set", "increment", "remove"]))
+    op: dict[str, Any] = {"type": kind, "path": draw(AB_PATH)}
+    if kind == "merge":
+        op["value"] = draw(st.dictionaries(AB, SCALARS, max_size=2))
+    elif kind in ("append", "set"):
+        op["value"] = draw(TEXT | SCALARS)
+    return op
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=AB_TREE, raw_ops=st.lists(walking_op(), min_size=1, max_size=4), exists=st.booleans())
+def test_merge_and_append_walks_agree_with_model(value: Any, raw_ops: list[Any], exists: bool) -> None:
+    """merge/append replace non-dict steps with {}, the other ops fail on them: dense in such paths."""
+    value_before = canon(value)
+    expected, actual = run_both(value, raw_ops, exists=exists)
+    event(f"outcome: {actual.code if isinstance(actual, UpdateError) else 'ok'}")
+    assert_agree(expected, actual)
+    assert canon(value) == value_before
+
+
 def _helper_for(op: dict[str, Any]) -> Any:
     """Build the same op with the public helpers of ``shardstate.ops``."""
     kind, path = op["type"], op.get("path")
@@ -508,6 +557,13 @@ SUCCESS_CASES = [
     ({}, [{"type": "append", "path": "l", "value": 1}], True, {"l": [1]}),
     ({}, [{"type": "append", "path": "s", "value": "x"}], True, {"s": "x"}),
     ({}, [{"type": "append", "path": ["a", "l"], "value": None}], True, {"a": {"l": [None]}}),
+    # append to a None field starts it like a missing one
+    ({"n": None}, [{"type": "append", "path": "n", "value": 2}], True, {"n": [2]}),
+    ({"n": None}, [{"type": "append", "path": ["n"], "value": "x"}], True, {"n": "x"}),
+    (None, [{"type": "append", "value": [1]}], True, [[1]]),
+    # at a nested path a missing leaf always starts a list; non-dict steps become {}
+    ({}, [{"type": "append", "path": ["a", "s"], "value": "x"}], True, {"a": {"s": ["x"]}}),
+    ({"a": 1}, [{"type": "append", "path": ["a", "b", "c"], "value": 2}], True, {"a": {"b": {"c": [2]}}}),
     # merge is shallow
     (
         {"a": {"x": 1}, "b": 1},
@@ -518,11 +574,21 @@ SUCCESS_CASES = [
     ({"f": {"x": 1}}, [{"type": "merge", "path": "f", "value": {"y": 2}}], True, {"f": {"x": 1, "y": 2}}),
     ({}, [{"type": "merge", "path": ["f", "g"], "value": {"y": 2}}], True, {"f": {"g": {"y": 2}}}),
     ({"x": 1}, [{"type": "merge", "path": None, "value": {}}], True, {"x": 1}),
+    # merge at a path: non-dict steps, the value itself and the target become {}
+    ({"ok": 1}, [{"type": "merge", "path": "ok", "value": {"a": 1}}], True, {"ok": {"a": 1}}),
+    ({"l": []}, [{"type": "merge", "path": "l", "value": {}}], True, {"l": {}}),
+    ({"a": [1]}, [{"type": "merge", "path": ["a", "b"], "value": {"c": 1}}], True, {"a": {"b": {"c": 1}}}),
+    ("s", [{"type": "merge", "path": ["a"], "value": {"c": 1}}], True, {"a": {"c": 1}}),
     # remove
     ({"a": 1, "b": 2}, [{"type": "remove", "path": "a"}], True, {"b": 2}),
     ({"a": 1}, [{"type": "remove", "path": "zz"}], True, {"a": 1}),
     ({"a": {"b": 1, "c": 2}}, [{"type": "remove", "path": ["a", "b"]}], True, {"a": {"c": 2}}),
     ({"a": 1}, [{"type": "remove", "path": ["x", "y", "z"]}], True, {"a": 1}),  # nothing created
+    # remove at "" / []: the value becomes None
+    ({"a": 1}, [{"type": "remove", "path": ""}], True, None),
+    ({"a": 1}, [{"type": "remove", "path": []}], True, None),
+    (None, [{"type": "remove", "path": ""}], False, None),
+    ({"a": 1}, [{"type": "remove", "path": ""}, {"type": "append", "value": "s"}], True, "s"),
     # set replaces, keeps the key's position
     ({"a": 1, "b": 2}, [{"type": "set", "path": "a", "value": [3]}], True, {"a": [3], "b": 2}),
     # ops apply in order
@@ -583,8 +649,6 @@ FAILURE_CASES = [
     ({}, [{"type": "decrement", "path": "n", "by": -math.inf}], True, 0, "bad_op"),
     ({}, [_inc(by=True)], True, 0, "bad_op"),
     ({}, [_inc(by=False)], True, 0, "bad_op"),
-    ({"a": 1}, [{"type": "remove", "path": ""}], True, 0, "bad_op"),
-    ({"a": 1}, [{"type": "remove", "path": []}], True, 0, "bad_op"),
     ({}, [None], True, 0, "bad_op"),
     ({}, ["increment"], True, 0, "bad_op"),
     ({}, [OK, OK, ("type", "set")], True, 2, "bad_op"),
@@ -629,14 +693,21 @@ FAILURE_CASES = [
     ({}, [{"type": "merge", "value": 1}], True, 0, "not_object"),
     ({}, [{"type": "merge", "value": "s"}], True, 0, "not_object"),
     ({}, [{"type": "merge", "value": None}], True, 0, "not_object"),
-    ({}, [OK, {"type": "merge", "path": "ok", "value": {"a": 1}}], True, 1, "not_object"),
-    ({"l": []}, [{"type": "merge", "path": "l", "value": {}}], True, 0, "not_object"),
     ([1], [{"type": "merge", "value": {"a": 1}}], True, 0, "not_object"),
+    ("s", [{"type": "merge", "path": "", "value": {"a": 1}}], True, 0, "not_object"),
+    (None, [{"type": "merge", "path": [], "value": {"a": 1}}], True, 0, "not_object"),
+    # append at a path needs the value itself to be a dict
+    ([1], [{"type": "append", "path": "a", "value": 1}], True, 0, "not_object"),
+    (None, [{"type": "append", "path": ["a", "b"], "value": 1}], True, 0, "not_object"),
+    # the other ops do not replace non-dict steps
+    ({"a": None}, [{"type": "set", "path": ["a", "b"], "value": 1}], True, 0, "not_object"),
+    ({"a": [1]}, [{"type": "decrement", "path": ["a", "b"]}], True, 0, "not_object"),
+    ({"a": "s"}, [{"type": "remove", "path": ["a", "b"]}], True, 0, "not_object"),
+    ({}, [{"type": "remove", "path": ""}, OK], True, 1, "not_object"),
     ({}, [OK, {"type": "set", "path": "", "value": 3}, OK], True, 2, "not_object"),
     # -- type_mismatch
     ({"n": 1}, [{"type": "append", "path": "n", "value": 2}], True, 0, "type_mismatch"),
     ({"n": {}}, [{"type": "append", "path": "n", "value": 2}], True, 0, "type_mismatch"),
-    ({"n": None}, [{"type": "append", "path": "n", "value": 2}], True, 0, "type_mismatch"),
     ({"n": 1.5}, [{"type": "append", "path": "n", "value": 2}], True, 0, "type_mismatch"),
     ({"n": True}, [{"type": "append", "path": "n", "value": "x"}], True, 0, "type_mismatch"),
     ({"s": "ab"}, [{"type": "append", "path": "s", "value": 1}], True, 0, "type_mismatch"),
@@ -771,3 +842,354 @@ def test_remove_on_a_missing_key_is_like_two_updates(root_op: dict[str, Any]) ->
     with pytest.raises(UpdateError) as one_update:
         apply_ops(None, [{"type": "remove", "path": "a"}, root_op], exists=False)
     assert (one_update.value.op_index, one_update.value.code) == (1, two_updates.value.code)
+
+
+# --------------------------------------------------------------------------------------------
+# the iii engine's own update-op cases (Motia's runtime), one row each
+# --------------------------------------------------------------------------------------------
+#
+# Taken from iii-hq/iii at commit bacffa0d3d14684d43c6f7c0796c79b62726172b:
+#   U = engine/src/update_ops.rs (mod tests: apply_update_ops)
+#   E = engine/tests/state_stream_update_e2e.rs (through BuiltinKvStore, several calls per test)
+#   K = engine/src/builtins/kv.rs (mod tests: BuiltinKvStore::update)
+#   R = engine/src/workers/state/adapters/redis_adapter.rs and engine/tests/state_stream_update_redis_e2e.rs
+#       (the Redis Lua script of engine/src/workers/redis.rs)
+#   I = no iii test: read from apply_update_ops in engine/src/update_ops.rs
+# iii returns (new_value, errors) and skips each failing op; we are all or nothing, so where iii
+# reports errors we expect UpdateError(first failing op, our code) and nothing written. The iii codes
+# map to ours: *.not_number -> not_number, append.type_mismatch -> type_mismatch,
+# *.target_not_object and merge.value.not_an_object -> not_object. `differs` says where the row's
+# expectation is not iii's result and why (CONTRACT.md decides).
+
+III_SOURCES = {
+    "U": "iii-hq/iii engine/src/update_ops.rs",
+    "E": "iii-hq/iii engine/tests/state_stream_update_e2e.rs",
+    "K": "iii-hq/iii engine/src/builtins/kv.rs",
+    "R": "iii-hq/iii engine/src/workers/state/adapters/redis_adapter.rs",
+    "RE": "iii-hq/iii engine/tests/state_stream_update_redis_e2e.rs",
+    "I": "iii-hq/iii engine/src/update_ops.rs (apply_update_ops; no test)",
+}
+
+MISSING_KEY = ABSENT  # the row's value: the key does not exist yet
+
+
+class Fails:
+    """The row's expected outcome when the update must fail: ``UpdateError(op_index, code)``."""
+
+    def __init__(self, op_index: int, code: str) -> None:
+        self.op_index, self.code = op_index, code
+
+    def __repr__(self) -> str:
+        return f"Fails({self.op_index}, {self.code!r})"
+
+
+def _set(path: Any, value: Any) -> dict[str, Any]:
+    return {"type": "set", "path": path, "value": value}
+
+
+def _merge(path: Any, value: Any) -> dict[str, Any]:
+    op = {"type": "merge", "value": value}
+    return op if path is None else {**op, "path": path}
+
+
+def _append(path: Any, value: Any) -> dict[str, Any]:
+    op = {"type": "append", "value": value}
+    return op if path is None else {**op, "path": path}
+
+
+def _incr(path: Any, by: Any) -> dict[str, Any]:
+    return {"type": "increment", "path": path, "by": by}
+
+
+def _decr(path: Any, by: Any) -> dict[str, Any]:
+    return {"type": "decrement", "path": path, "by": by}
+
+
+def _remove(path: Any) -> dict[str, Any]:
+    return {"type": "remove", "path": path}
+
+
+def _nested(steps: list[str], leaf: Any) -> Any:
+    for step in reversed(steps):
+        leaf = {step: leaf}
+    return leaf
+
+
+_DEEP = [f"k{i}" for i in range(33)]  # iii's MAX_PATH_DEPTH is 32
+_LONG = "a" * 257  # iii's MAX_SEGMENT_BYTES is 256
+_SKIPS = "iii skips the failing op and writes the others; we write nothing"
+_NO_SINKS = "iii rejects __proto__/constructor/prototype (a JS concern); CONTRACT.md reserves no field names"
+
+# (source, iii test, stored value, calls (each a list of ops, applied as separate updates), expected
+#  result of the last call or Fails, differs)
+# fmt: off
+III_CASES: list[tuple[str, str, Any, list[list[dict[str, Any]]], Any, str]] = [
+    # ---- append
+    ("U", "appends_to_array_field_as_single_element", {"events": [{"kind": "start"}]},
+     [[_append("events", {"kind": "chunk"})]], {"events": [{"kind": "start"}, {"kind": "chunk"}]}, ""),
+    ("U", "concatenates_string_fields", {"transcript": "hello"},
+     [[_append("transcript", " world")]], {"transcript": "hello world"}, ""),
+    ("U", "initializes_missing_fields_by_value_kind", {},
+     [[_append("transcript", "hello"), _append("events", {"kind": "chunk"})]],
+     {"transcript": "hello", "events": [{"kind": "chunk"}]}, ""),
+    ("U", "initializes_missing_root_by_value_kind (str)", MISSING_KEY, [[_append("", "hello")]], "hello", ""),
+    ("U", "initializes_missing_root_by_value_kind (dict)", MISSING_KEY,
+     [[_append("", {"kind": "chunk"})]], [{"kind": "chunk"}], ""),
+    ("U", "skips_incompatible_string_append_value", {"transcript": "hello"},
+     [[_append("transcript", {"not": "string"})]], Fails(0, "type_mismatch"), ""),
+    ("U", "skips_incompatible_object_append_target", {"events": {}},
+     [[_append("events", "chunk")]], Fails(0, "type_mismatch"), ""),
+    ("U", "dotted_paths_are_first_level_fields", {"user.name": ["A"], "user": {"name": ["B"]}},
+     [[_append("user.name", "C")]], {"user.name": ["A", "C"], "user": {"name": ["B"]}}, ""),
+    ("U", "preserves_order_across_multiple_append_ops", {"events": []},
+     [[_append("events", "first"), _append("events", "second")]], {"events": ["first", "second"]}, ""),
+    ("U", "append_array_value_to_array_target_as_single_element", {"events": []},
+     [[_append("events", ["nested", "array"])]], {"events": [["nested", "array"]]}, ""),
+    ("U", "append_to_null_field_initializes_by_value_kind", {"string": None, "array": None},
+     [[_append("string", "chunk"), _append("array", {"kind": "chunk"})]],
+     {"string": "chunk", "array": [{"kind": "chunk"}]}, ""),
+    ("U", "append_segments_path_walks_and_pushes_to_existing_array", {"entityId": {"buffer": ["a"]}},
+     [[_append(["entityId", "buffer"], "b")]], {"entityId": {"buffer": ["a", "b"]}}, ""),
+    ("U", "append_segments_path_creates_intermediate_object", {},
+     [[_append(["entityId", "buffer"], "a")]], {"entityId": {"buffer": ["a"]}}, ""),
+    ("U", "append_segments_missing_leaf_string_value_becomes_array", {"entityId": {}},
+     [[_append(["entityId", "buffer"], "x")]], {"entityId": {"buffer": ["x"]}}, ""),
+    ("U", "append_segments_missing_leaf_string_value_becomes_array (one field)", {},
+     [[_append("buffer", "x")]], {"buffer": "x"}, ""),
+    ("U", "append_dotted_string_path_keeps_literal_segment_semantics", {"entityId": {"buffer": ["nested"]}},
+     [[_append("entityId.buffer", "flat")]],
+     {"entityId": {"buffer": ["nested"]}, "entityId.buffer": "flat"}, ""),
+    ("U", "append_segments_path_object_leaf_returns_type_mismatch", {"entityId": {"buffer": {"x": "y"}}},
+     [[_append(["entityId", "buffer"], "z")]], Fails(0, "type_mismatch"), ""),
+    ("U", "append_segments_path_non_object_root_returns_target_not_object", [1, 2, 3],
+     [[_append(["a", "b"], "x")]], Fails(0, "not_object"), ""),
+    ("U", "append_proto_polluted_at_root_segment_rejected", {},
+     [[_append(["__proto__"], "x")]], {"__proto__": "x"}, _NO_SINKS),
+    ("U", "append_proto_polluted_at_intermediate_segment_rejected", {},
+     [[_append(["a", "constructor", "b"], "x")]], {"a": {"constructor": {"b": ["x"]}}}, _NO_SINKS),
+    ("U", "append_proto_polluted_at_leaf_segment_rejected", {"safe": {}},
+     [[_append(["safe", "prototype"], "x")]], {"safe": {"prototype": ["x"]}}, _NO_SINKS),
+    ("U", "multi_op_partial_failure_retains_prior_successes", {"buffer": []},
+     [[_append("buffer", "first"), _append(["__proto__", "polluted"], True), _append("buffer", "third")]],
+     {"buffer": ["first", "third"], "__proto__": {"polluted": [True]}}, _NO_SINKS),
+    ("U", "validates_append_path_segments_with_op_specific_error_code", {},
+     [[_append(_LONG, "x")]], {_LONG: "x"}, "iii limits a path segment to 256 bytes; CONTRACT.md does not"),
+    ("I", "nested path, existing null leaf: append_to_target(Null) keeps a str", {"a": {"s": None}},
+     [[_append(["a", "s"], "x")]], {"a": {"s": "x"}},
+     "matches apply_update_ops; iii's Redis Lua (engine/src/workers/redis.rs) and its SDK docs give ['x']"),
+    # ---- set / remove at the root
+    ("U", "set_empty_path_replaces_root_even_with_null_value", {"": "empty-field", "keep": True},
+     [[_set("", None)]], None, ""),
+    ("U", "empty_path_remove_clears_root_value", {"": "empty-field", "keep": True},
+     [[_remove("")]], None, ""),
+    ("U", "validates_set_path_segments_with_op_specific_error_code", {},
+     [[_set("__proto__", True)]], {"__proto__": True}, _NO_SINKS),
+    # ---- increment / decrement
+    ("U", "increments_existing_number_and_missing_fields", {"count": 2},
+     [[_incr("count", 3), _incr("missing", 3)]], {"count": 5, "missing": 3}, ""),
+    ("U", "increment_rejects_existing_non_number", {"count": 2, "bad": "value"},
+     [[_incr("count", 3), _incr("bad", 3), _incr("missing", 3)]], Fails(1, "not_number"), _SKIPS),
+    ("U", "decrements_existing_number_and_missing_fields", {"count": 5},
+     [[_decr("count", 3), _decr("missing", 3)]], {"count": 2, "missing": -3}, ""),
+    ("U", "decrement_rejects_existing_non_number", {"count": 5, "bad": "value"},
+     [[_decr("count", 3), _decr("bad", 3), _decr("missing", 3)]], Fails(1, "not_number"), _SKIPS),
+    ("U", "preserves_order_across_multiple_numeric_ops", {"count": 10},
+     [[_incr("count", 5), _decr("count", 3)]], {"count": 12}, ""),
+    ("U", "numeric_ops_accept_json_float_fields", {"count": 1.5},
+     [[_incr("count", 2), _decr("count", 1)]], {"count": 2.5}, ""),
+    ("U", "numeric_ops_reject_null_fields_instead_of_treating_them_as_missing", {"inc": None, "dec": None},
+     [[_incr("inc", 1), _decr("dec", 1)]], Fails(0, "not_number"), _SKIPS),
+    ("U", "numeric_ops_with_zero_still_validate_existing_type", {"bad": "value", "count": 2},
+     [[_incr("bad", 0), _decr("count", 0)]], Fails(0, "not_number"), ""),
+    ("U", "numeric_overflow_promotes_to_exact_unsigned_integer", {"count": 2**63 - 1},
+     [[_incr("count", 1)]], {"count": 2**63}, ""),
+    ("U", "numeric_ops_preserve_large_unsigned_integer_precision", {"inc": 2**63 + 10, "dec": 2**63 + 10},
+     [[_incr("inc", 1), _decr("dec", 1)]], {"inc": 2**63 + 11, "dec": 2**63 + 9}, ""),
+    ("U", "missing_decrement_by_i64_min_initializes_exact_unsigned_value", {},
+     [[_decr("count", -(2**63))]], {"count": 2**63}, ""),
+    ("U", "empty_path_numeric_ops_target_root_value (increment)", 2, [[_incr("", 3)]], 5, ""),
+    ("U", "empty_path_numeric_ops_target_root_value (decrement)", 5, [[_decr("", 3)]], 2, ""),
+    ("U", "failed_ops_continue_and_preserve_error_indexes", {"bad": "value", "events": {}},
+     [[_incr("bad", 1), _set("__proto__", True), _append("events", "chunk"), _set("ok", True)]],
+     Fails(0, "not_number"), _SKIPS),
+    ("U", "rejects_all_proto_pollution_sinks_for_each_non_merge_op (increment)", {},
+     [[_incr("constructor", 1)]], {"constructor": 1}, _NO_SINKS),
+    ("U", "rejects_all_proto_pollution_sinks_for_each_non_merge_op (remove)", {},
+     [[_remove("prototype")]], {}, _NO_SINKS),
+    # ---- merge
+    ("U", "merges_into_existing_first_level_object_field", {"session-1": {"ts1": "a"}},
+     [[_merge("session-1", {"ts2": "b"})]], {"session-1": {"ts1": "a", "ts2": "b"}}, ""),
+    ("U", "merges_into_missing_first_level_field_creates_object", {},
+     [[_merge("session-1", {"author": "alice"})]], {"session-1": {"author": "alice"}}, ""),
+    ("U", "merges_at_nested_path_replacing_non_object_intermediate", {"sessions": {"abc": "garbage"}},
+     [[_merge(["sessions", "abc"], {"author": "alice"})]], {"sessions": {"abc": {"author": "alice"}}}, ""),
+    ("U", "merges_at_nested_path_creating_missing_intermediates", {},
+     [[_merge(["a", "b", "c"], {"x": 1})]], {"a": {"b": {"c": {"x": 1}}}}, ""),
+    ("U", "merges_at_nested_target_shallowly_overwrites_keys",
+     {"sessions": {"abc": {"author": "old", "topic": "preserved"}}},
+     [[_merge(["sessions", "abc"], {"author": "new"})]],
+     {"sessions": {"abc": {"author": "new", "topic": "preserved"}}}, ""),
+    ("U", "merge_with_non_object_value_returns_error_and_no_ops", {"a": 1},
+     [[_merge("foo", "not-an-object")]], Fails(0, "not_object"), ""),
+    ("U", "root_level_merge_unchanged_for_none_empty_string_and_empty_array (None)", {"a": 1},
+     [[_merge(None, {"b": 2})]], {"a": 1, "b": 2}, ""),
+    ("U", "root_level_merge_unchanged_for_none_empty_string_and_empty_array ('')", {"a": 1},
+     [[_merge("", {"b": 2})]], {"a": 1, "b": 2}, ""),
+    ("U", "root_level_merge_unchanged_for_none_empty_string_and_empty_array ([])", {"a": 1},
+     [[_merge([], {"b": 2})]], {"a": 1, "b": 2}, ""),
+    ("U", "root_merge_on_non_object_current_value_remains_silent_noop", "leaf",
+     [[_merge(None, {"a": 1})]], Fails(0, "not_object"),
+     "iii leaves the value and reports no error; we fail the op like every op that does not apply"),
+    ("U", "single_string_path_equivalent_to_single_segment_array ('foo')", {},
+     [[_merge("foo", {"x": 1})]], {"foo": {"x": 1}}, ""),
+    ("U", "single_string_path_equivalent_to_single_segment_array (['foo'])", {},
+     [[_merge(["foo"], {"x": 1})]], {"foo": {"x": 1}}, ""),
+    ("U", "literal_dotted_segment_treated_as_one_key", {"a": {"b": {"preserved": True}}},
+     [[_merge(["a.b"], {"x": 1})]], {"a": {"b": {"preserved": True}}, "a.b": {"x": 1}}, ""),
+    ("U", "rejects_path_too_deep", {}, [[_merge(_DEEP, {"x": 1})]], _nested(_DEEP, {"x": 1}),
+     "iii allows 32 path fields, we allow 64 (MAX_PATH_DEPTH)"),
+    ("U", "rejects_oversized_segment", {}, [[_merge([_LONG], {"x": 1})]], {_LONG: {"x": 1}},
+     "iii limits a path segment to 256 bytes; CONTRACT.md does not"),
+    ("U", "rejects_empty_segment", {}, [[_merge(["a", ""], {"x": 1})]], {"a": {"": {"x": 1}}},
+     "iii rejects an empty field in a list path; CONTRACT.md allows any str field"),
+    ("U", "rejects_proto_polluted_path_segment", {},
+     [[_merge(["__proto__"], {"x": 1})]], {"__proto__": {"x": 1}}, _NO_SINKS),
+    ("U", "rejects_proto_polluted_value_top_level_key", {},
+     [[_merge("foo", {"__proto__": {"polluted": True}})]],
+     {"foo": {"__proto__": {"polluted": True}}}, _NO_SINKS),
+    ("U", "rejects_value_too_deep", {}, [[_merge("foo", _nested(["n"] * 17, {}))]],
+     {"foo": _nested(["n"] * 17, {})}, "iii limits a merge value to 16 levels; we bound values by size"),
+    ("I", "walk_or_create makes a non-object value itself {} for a merge at a path", [1, 2],
+     [[_merge(["a"], {"x": 1})]], {"a": {"x": 1}}, ""),
+    # ---- through the store, several calls
+    ("E", "merge_first_level_path_accumulates_siblings_across_calls", MISSING_KEY,
+     [[_merge("session-1", {"ts:0001": "first chunk"})], [_merge("session-1", {"ts:0002": "second chunk"})]],
+     {"session-1": {"ts:0001": "first chunk", "ts:0002": "second chunk"}}, ""),
+    ("E", "merge_replaces_null_intermediate_along_nested_path", MISSING_KEY,
+     [[_set("sessions", None)], [_merge(["sessions", "abc"], {"author": "alice"})]],
+     {"sessions": {"abc": {"author": "alice"}}}, ""),
+    ("E", "merge_then_remove_then_merge_recreates_field_cleanly", MISSING_KEY,
+     [[_merge("session-1", {"a": 1}), _remove("session-1"), _merge("session-1", {"b": 2})]],
+     {"session-1": {"b": 2}}, ""),
+    ("E", "merge_with_proto_polluted_segment_returns_structured_error", MISSING_KEY,
+     [[_merge(["__proto__", "polluted"], {"x": 1})]], {"__proto__": {"polluted": {"x": 1}}}, _NO_SINKS),
+    ("E", "non_merge_ops_with_proto_polluted_path_return_structured_errors (append)", MISSING_KEY,
+     [[_append("__proto__", 1)]], {"__proto__": [1]}, _NO_SINKS),
+    ("E", "set_on_non_object_target_returns_structured_error_and_skips", MISSING_KEY,
+     [[_set("", "leaf")], [_set("field", 1)]], Fails(0, "not_object"), ""),
+    ("E", "append_type_mismatch_returns_structured_error_and_skips", MISSING_KEY,
+     [[_set("count", 1)], [_append("count", "chunk")]], Fails(0, "type_mismatch"), ""),
+    ("E", "append_on_non_object_target_returns_structured_error_and_skips", MISSING_KEY,
+     [[_set("", "leaf")], [_append("events", "chunk")]], Fails(0, "not_object"), ""),
+    ("E", "failed_update_ops_continue_and_report_original_indexes", MISSING_KEY,
+     [[_set("", {"bad": "value", "events": {}})],
+      [_incr("bad", 1), _set("__proto__", True), _append("events", "chunk"), _set("ok", True)]],
+     Fails(0, "not_number"), _SKIPS),
+    ("E", "increment_non_number_returns_structured_error_and_skips", MISSING_KEY,
+     [[_set("name", "Ada")], [_incr("name", 1)]], Fails(0, "not_number"), ""),
+    ("E", "decrement_non_number_returns_structured_error_and_skips", MISSING_KEY,
+     [[_set("name", "Ada")], [_decr("name", 1)]], Fails(0, "not_number"), ""),
+    ("E", "numeric_ops_and_remove_on_non_object_target_return_structured_errors (increment)", MISSING_KEY,
+     [[_set("", "leaf")], [_incr("count", 1)]], Fails(0, "not_object"), ""),
+    ("E", "numeric_ops_and_remove_on_non_object_target_return_structured_errors (decrement)", MISSING_KEY,
+     [[_set("", "leaf")], [_decr("count", 1)]], Fails(0, "not_object"), ""),
+    ("E", "numeric_ops_and_remove_on_non_object_target_return_structured_errors (remove)", MISSING_KEY,
+     [[_set("", "leaf")], [_remove("count")]], Fails(0, "not_object"), ""),
+    ("E", "remove_missing_path_remains_idempotent_and_silent", MISSING_KEY, [[_remove("missing")]], {}, ""),
+    ("E", "issue_1552_case1_dotted_string_keeps_literal_segment", MISSING_KEY,
+     [[_set("entityId", {"buffer": ["nested"]})], [_append("entityId.buffer", "flat")]],
+     {"entityId": {"buffer": ["nested"]}, "entityId.buffer": "flat"}, ""),
+    ("E", "issue_1552_case2_object_value_returns_type_mismatch", MISSING_KEY,
+     [[_set("entityId", {"buffer": {"x": "y"}})], [_append(["entityId", "buffer"], "z")]],
+     Fails(0, "type_mismatch"), ""),
+    ("E", "issue_1552_case3_array_path_appends_to_nested_array", MISSING_KEY,
+     [[_set("entityId", {"buffer": ["a"]})], [_append(["entityId", "buffer"], "b")]],
+     {"entityId": {"buffer": ["a", "b"]}}, ""),
+    ("E", "nested_append_creates_intermediate_objects_through_kv_store", MISSING_KEY,
+     [[_append(["session", "abc", "events"], "first")]], {"session": {"abc": {"events": ["first"]}}}, ""),
+    ("E", "nested_append_proto_pollution_rejected_at_intermediate_segment", MISSING_KEY,
+     [[_append(["safe", "__proto__", "x"], "never")]], {"safe": {"__proto__": {"x": ["never"]}}}, _NO_SINKS),
+    ("E", "nested_append_multi_op_partial_failure_retains_prior_successes", MISSING_KEY,
+     [[_append(["session", "abc", "events"], "first"), _append(["__proto__", "polluted"], True),
+       _append(["session", "abc", "events"], "third")]],
+     {"session": {"abc": {"events": ["first", "third"]}}, "__proto__": {"polluted": [True]}}, _NO_SINKS),
+    ("E", "nested_append_segments_path_round_trips_via_merge_path_segments", MISSING_KEY,
+     [[_append(["a", "b"], 42)]], {"a": {"b": [42]}}, ""),
+    ("E", "append_existing_empty_array_at_single_segment_pushes_value", MISSING_KEY,
+     [[_set("buffer", [])], [_append("buffer", "x")]], {"buffer": ["x"]}, ""),
+    ("E", "append_root_when_state_is_empty_array_pushes_value", MISSING_KEY,
+     [[_set("", [])], [_append(None, "x")]], ["x"], ""),
+    ("E", "nested_append_replaces_array_intermediate_with_object", MISSING_KEY,
+     [[_set("a", [1, 2, 3])], [_append(["a", "b"], 42)]], {"a": {"b": [42]}}, ""),
+    ("K", "test_builtin_kv_store_update_basic_operations", {"name": "A", "counter": 0},
+     [[_set("name", "B")], [_incr("counter", 5)], [_decr("counter", 2)], [_remove("name")],
+      [_merge(None, {"name": "C", "extra": "field"})]],
+     {"counter": 3, "name": "C", "extra": "field"}, ""),
+    ("K", "test_builtin_kv_store_update_multiple_ops_in_single_call", {"name": "A", "counter": 0},
+     [[_set("name", "Z"), _incr("counter", 10), _set("status", "active")]],
+     {"name": "Z", "counter": 10, "status": "active"}, ""),
+    ("K", "test_update_new_object_with_increment", MISSING_KEY, [[_incr("counter", 1)]], {"counter": 1}, ""),
+    ("K", "test_builtin_kv_store_update_append_operations",
+     {"events": [{"kind": "start"}], "transcript": "hello", "object": {"nested": True},
+      "user.name": ["A"], "user": {"name": ["B"]}},
+     [[_append("events", {"kind": "chunk"}), _append("transcript", " world"),
+       _append("missing_string", "created"), _append("missing_array", {"kind": "created"}),
+       _append("object", "ignored"), _append("user.name", "C")]],
+     Fails(4, "type_mismatch"), _SKIPS),
+    ("K", "test_builtin_kv_store_update_append_missing_root", MISSING_KEY,
+     [[_append("", "hello")]], "hello", ""),
+    ("R", "test_update_append_redis", {"events": [], "transcript": "hello"},
+     [[_append("events", {"kind": "chunk"}), _append("transcript", " world")]],
+     {"events": [{"kind": "chunk"}], "transcript": "hello world"}, ""),
+    ("R", "test_update_root_null_and_numeric_null_errors_redis", {"inc": None, "dec": None},
+     [[_incr("inc", 1), _decr("dec", 1)]], Fails(0, "not_number"), _SKIPS),
+    ("R", "test_update_empty_path_numeric_and_remove_ops_target_root_redis", 2,
+     [[_incr("", 3)], [_decr("", 2)], [_remove("")]], None, ""),
+    ("RE", "redis_nested_append_happy_path_through_lua_script", MISSING_KEY,
+     [[_append(["session", "abc", "events"], "first")]], {"session": {"abc": {"events": ["first"]}}}, ""),
+]
+# fmt: on
+
+
+def _run_calls(apply: Any, value: Any, calls: list[list[dict[str, Any]]]) -> Any:
+    """Apply each call as its own update (the last one's error propagates); return the last value."""
+    exists = value is not MISSING_KEY
+    for call in calls:
+        value = apply(value if exists else None, call, exists)
+        exists = True
+    return value
+
+
+def _source(value: Any, raw_ops: Any, exists: bool) -> Any:
+    try:
+        return apply_ops(value, raw_ops, exists=exists)
+    except UpdateError as exc:  # the model's error type, so both sides are checked alike
+        raise RefError(exc.op_index, exc.code) from exc
+
+
+@pytest.mark.parametrize(
+    ("source", "test_name", "value", "calls", "expected", "differs"),
+    III_CASES,
+    ids=[f"{source}:{name}" for source, name, *_ in III_CASES],
+)
+@pytest.mark.parametrize("apply", [_source, ref_apply], ids=["source", "model"])
+def test_iii_engine_cases(
+    apply: Any,
+    source: str,
+    test_name: str,
+    value: Any,
+    calls: list[list[dict[str, Any]]],
+    expected: Any,
+    differs: str,
+) -> None:
+    """Each of the iii engine's own update-op cases (see III_SOURCES), for the source and the model."""
+    assert source in III_SOURCES
+    assert test_name
+    before = canon(value)
+    if isinstance(expected, Fails):
+        with pytest.raises(RefError) as info:
+            _run_calls(apply, value, calls)
+        assert (info.value.index, info.value.code) == (expected.op_index, expected.code)
+    else:
+        assert canon(_run_calls(apply, value, calls)) == canon(expected)
+    assert canon(value) == before
