@@ -40,9 +40,9 @@ os.register_at_fork(after_in_child=_reset_token)
 def auto_op_id() -> str:
     """A new automatic op_id, unique per process and per call."""
     global _token
-    pid = os.getpid()
     token = _token
-    if token is None or token[0] != pid:
+    if token is None:  # first use in this process (a forked child starts without one)
+        pid = os.getpid()
         token = _token = (pid, f"{AUTO_OP_PREFIX}{pid:x}.{secrets.token_hex(8)}:")
     return f"{token[1]}{next(_op_counter):x}"
 

@@ -198,18 +198,20 @@ class ShardEngine:
             self._decoded.clear()
             self._decoded_bytes = 0
         self._expire(self._now)
-        results = []
+        results: list[C.Result] = []
+        append, execute, size_of = results.append, self._execute, _answer_size
         budget = RESPONSE_BUDGET
         for cmd in batch:
-            result = self._execute(cmd)
-            results.append(result)
-            budget -= _answer_size(result[1]) if result[0] else 0
-            if budget < 0 and len(results) < len(batch):
-                results.extend([_DEFERRED] * (len(batch) - len(results)))
-                self.deferrals += 1
-                if lane is not None:
-                    self.fence(lane)
-                break
+            result = execute(cmd)
+            append(result)
+            if result[0]:
+                budget -= size_of(result[1])
+                if budget < 0 and len(results) < len(batch):
+                    results.extend([_DEFERRED] * (len(batch) - len(results)))
+                    self.deferrals += 1
+                    if lane is not None:
+                        self.fence(lane)
+                    break
         return results
 
     def fence(self, lane: str) -> None:
@@ -327,10 +329,10 @@ class ShardEngine:
         """Run a write at most once per ``op_id`` and key: a repeat returns the first call's result."""
         auto = op_id.startswith(AUTO_OP_PREFIX)
         table = self.auto_ops if auto else self.ops
-        scoped = op_scope(group_id, key, op_id)
+        scoped = f"{group_id}\x00{key or ''}\x00{op_id}"  # op_scope(), inlined: a hot path
         # automatic op_ids are unique per call (the client makes them): their fingerprint is only the
         # command's kind (cheap); a caller's op_id gets the full one that tells a retry from another call
-        fingerprint = kind.encode() if auto else call_fingerprint(kind, arg, opts)
+        fingerprint = _KIND_PRINTS[kind] if auto else call_fingerprint(kind, arg, opts)
         seen = table.get(scoped)
         if seen is not None:
             return self._replay(table, scoped, seen, fingerprint, kind, group_id, key, arg)
@@ -341,15 +343,13 @@ class ShardEngine:
             kept, size = _FORGOTTEN, 0  # a repeat reports the current value instead
         blob = pickle.dumps((fingerprint, kept), protocol=pickle.HIGHEST_PROTOCOL)
         self._changes.op_records.append(OpRecord(scoped, self._now, blob))
-        table[scoped] = (self._now, fingerprint, self._keep(kept, size))
-        return payload
-
-    def _keep(self, kept: Any, size: int) -> Any:
-        """What of a result stays in RAM: itself while small and within the budget, else a marker."""
+        # in RAM: the result itself while small and within the budget, else a marker
         if kept is _FORGOTTEN or (size <= RESULT_RAM_ITEM and self.result_bytes + size <= RESULT_RAM_BUDGET):
             self.result_bytes += size
-            return kept
-        return _STORED if self.fetch_op is not None else _FORGOTTEN
+        else:
+            kept = _STORED if self.fetch_op is not None else _FORGOTTEN
+        table[scoped] = (self._now, fingerprint, kept)
+        return payload
 
     def _replay(
         self,
@@ -465,7 +465,8 @@ class ShardEngine:
             None if current is None else current.data,
             data,
         )
-        self._set_deadline(group_id, key, expires_at)
+        if expires_at is not None or self._deadlines:
+            self._set_deadline(group_id, key, expires_at)
 
     # -- commands -----------------------------------------------------------------------------
     def _set(self, group_id: str, key: str, data: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
@@ -587,6 +588,9 @@ def call_fingerprint(kind: str, arg: Any, opts: dict[str, Any]) -> bytes:
     return digest.digest()
 
 
+_KIND_PRINTS = {kind: kind.encode() for kind in C.KINDS}
+
+
 class _Arg:
     """Stands for a set's new value in a remembered result: the call's own argument."""
 
@@ -614,13 +618,18 @@ def _event_size(event: Event) -> int:
 
 def _answer_size(payload: Any) -> int:
     """Bytes of values in an ok payload (what a batch's answer costs to hold and send)."""
-    if isinstance(payload, bytes):
+    kind = type(payload)
+    if kind is bytes:
         return len(payload)
-    if isinstance(payload, tuple):
-        return sum(_answer_size(p) for p in payload)
-    if isinstance(payload, list):
-        return sum(len(p) if isinstance(p, bytes) else _answer_size(p) for p in payload)
-    return 0
+    if kind is not tuple and kind is not list:
+        return 0
+    size = 0
+    for part in payload:
+        if type(part) is bytes:
+            size += len(part)
+        elif part is not None:
+            size += _answer_size(part)
+    return size
 
 
 _DEFERRED: C.Result = (False, Deferred("not run: the batch's answer is already large; send it again"))
