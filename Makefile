@@ -24,6 +24,7 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/results/
 	$(PY) -m bench.latency
+	$(PY) -m bench.hotkey
 	$(PY) -m bench.durability
 	$(PY) -m bench.triggers
 	$(PY) -m bench.compare
