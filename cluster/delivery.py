@@ -38,6 +38,9 @@ DEFAULT_HANDLER_TIMEOUT = 60.0
 TASK_ATTEMPTS = 5
 #: seconds a delivery task may take to start (a new worker process) before it counts as crashed
 START_TIMEOUT = 120.0
+#: a quick task reports only when done: with no report after ``timeout + tick + START_GRACE`` it
+#: is started again reporting before every attempt (which tells a slow start from a stuck handler)
+START_GRACE = 5.0
 #: a handler's error text is kept up to this many characters in a dead letter
 ERROR_CHARS = 2000
 
@@ -69,14 +72,15 @@ def deliver(
     """Run one trigger's handler for a group's events, in order (a streaming generator).
 
     Yields ``(index, attempt, dead letters since the last yield)``: "about to start attempt
-    ``attempt`` of ``events[index]``", first at once, then before an attempt whenever ``tick``
-    seconds passed since the last yield (``eager``: before every attempt); finally
-    ``(len(events), 0, letters)``. ``first_attempt`` is the attempt number of ``events[0]`` (a
+    ``attempt`` of ``events[index]``", before an attempt whenever ``tick`` seconds passed since the
+    task started or last yielded (``eager``: before every attempt, the first one too); finally
+    ``(len(events), 0, letters)``. A quick task yields once: following it costs one object.
+    ``first_attempt`` is the attempt number of ``events[0]`` (a
     restart after a timed-out attempt continues its count).
     """
     handler = cloudpickle.loads(handler_blob)
     every = 0.0 if eager else tick(timeout)
-    last = -math.inf
+    last = -math.inf if eager else time.monotonic()  # quick tasks: no report before the first tick
     letters: list[dict[str, Any]] = []
     for index, event in enumerate(events):
         attempt = first_attempt if index == 0 else 1
@@ -129,7 +133,10 @@ async def run_delivery(
         try:
             while True:
                 if not reported:
-                    limit: float | None = START_TIMEOUT
+                    quiet = START_TIMEOUT
+                    if timeout is not None:
+                        quiet = min(quiet, timeout + tick(timeout) + START_GRACE)
+                    limit: float | None = START_TIMEOUT if eager else quiet
                 elif timeout is None:
                     limit = None
                 else:
@@ -143,10 +150,10 @@ async def run_delivery(
         except asyncio.TimeoutError:
             ray.cancel(gen, force=True)
             start += at
-            if not reported:
+            if not reported and eager:
                 crashes += 1  # never started: counted like a crashed worker
                 failure = f"it did not start within {START_TIMEOUT} s"
-            elif not eager:  # stuck somewhere after the last report: find out exactly where
+            elif not eager:  # slow to start, or stuck after the last report: find out exactly where
                 eager, attempt = True, att
                 continue
             elif att >= HANDLER_ATTEMPTS:
