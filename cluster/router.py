@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardstate._models import SetResult, StateItem
 from shardstate._requests import (
     GROUPS_COMMAND,
+    Page,
     Request,
     clear_request,
     delete_request,
@@ -31,6 +32,7 @@ from shardstate._requests import (
     items_request,
     list_request,
     merge_groups,
+    next_page,
     set_request,
     unwrap,
     update_request,
@@ -240,6 +242,16 @@ class RouterActor:
 
     # -- the API, forwarded -------------------------------------------------------------------
     async def _forward(self, req: Request) -> Any:
+        value = await self._forward_page(req)
+        if not isinstance(value, Page):
+            return value
+        rows = builtins.list(value.rows)  # a large group answers in pages: fetch the rest
+        while isinstance(value, Page):
+            value = await self._forward_page(next_page(value))
+            rows.extend(value.rows if isinstance(value, Page) else value)
+        return rows
+
+    async def _forward_page(self, req: Request) -> Any:
         shard = self.shards[self.map.shard_of(req.group_id)]
         (result,) = await shard.execute.remote([req.cmd])
         return req.decode(unwrap(result))

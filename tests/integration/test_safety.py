@@ -289,6 +289,8 @@ def test_large_bulk_reads_and_writes_are_bounded_and_exact(state: shardstate.Sta
     items = state.items(group)  # answered in 16 MiB pages
     assert [(i.key, i.value) for i in items] == list(values.items())
     assert state.list(group) == list(values.values())
+    via_router = ray.get(state.router.items.remote(group))  # handle-only callers get every page too
+    assert [i.key for i in via_router] == list(values)
 
     async def flood() -> list[Any]:
         astate = await shardstate.connect_async(state.cluster)
