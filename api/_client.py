@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -44,6 +44,10 @@ from shardstate._requests import (
 from shardstate.cluster.bootstrap import find_router
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.validation import check_name
+
+#: What a write answers: both values (default), only the new or the old one, or nothing.
+Returning = Literal["both", "new", "old", "none"]
+_Values = Literal["both", "new", "old"]
 
 #: How many times a call follows a "stale shard map" answer before giving up.
 MAX_REDIRECTS = 5
@@ -334,6 +338,32 @@ class StateClient(_ClientBase):
             pending = failed
         return out
 
+    @overload
+    def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: _Values = ...,
+    ) -> SetResult: ...
+
+    @overload
+    def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: Literal["none"],
+    ) -> None: ...
+
     def set(
         self,
         group_id: str,
@@ -343,14 +373,18 @@ class StateClient(_ClientBase):
         ttl: float | None = None,
         expected_version: int | None = None,
         op_id: str | None = None,
-    ) -> SetResult:
+        returning: Returning = "both",
+    ) -> SetResult | None:
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
         version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
         on this key: a repeat of the same call returns the first call's result and writes nothing
         again; the same op_id on another key is another write; on this key with a different call it
-        raises :class:`InvalidInput` and changes nothing.
+        raises :class:`InvalidInput` and changes nothing. ``returning``: ``"both"`` (default),
+        ``"new"`` or ``"old"`` (only that value; the other is None), ``"none"`` (returns None: no
+        value travels back, so the call's cost does not grow with the value, e.g. fan-in into one
+        large document).
         """
         req = set_request(
             group_id,
@@ -360,6 +394,7 @@ class StateClient(_ClientBase):
             op_id=op_id,
             ttl=ttl,
             expected_version=expected_version,
+            returning=returning,
         )
         return self._run(req)  # type: ignore[no-any-return]
 
@@ -389,6 +424,32 @@ class StateClient(_ClientBase):
         """Remove every item of ``group_id``; return how many there were."""
         return self._run(clear_request(group_id))  # type: ignore[no-any-return]
 
+    @overload
+    def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: _Values = ...,
+    ) -> SetResult: ...
+
+    @overload
+    def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: Literal["none"],
+    ) -> None: ...
+
     def update(
         self,
         group_id: str,
@@ -398,12 +459,21 @@ class StateClient(_ClientBase):
         ttl: float | None = None,
         expected_version: int | None = None,
         op_id: str | None = None,
-    ) -> SetResult:
+        returning: Returning = "both",
+    ) -> SetResult | None:
         """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value.
 
         Options as for ``set``; without ``ttl`` an entry keeps the expiry it had.
         """
-        req = update_request(group_id, key, ops, op_id=op_id, ttl=ttl, expected_version=expected_version)
+        req = update_request(
+            group_id,
+            key,
+            ops,
+            op_id=op_id,
+            ttl=ttl,
+            expected_version=expected_version,
+            returning=returning,
+        )
         return self._run(req)  # type: ignore[no-any-return]
 
     def list_groups(self) -> builtins.list[str]:
@@ -431,13 +501,12 @@ class StateClient(_ClientBase):
         return Pipeline(self)
 
     def set_many(
-        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None
-    ) -> builtins.list[SetResult]:
+        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None, returning: str = "both"
+    ) -> builtins.list[SetResult | None]:
         """Set many keys of one group in one call; raises the first error (the others still apply)."""
         limit = self._link.max_value_size
-        return first_error(
-            self._run_many([set_request(group_id, k, v, limit, ttl=ttl) for k, v in values.items()])
-        )
+        reqs = [set_request(group_id, k, v, limit, ttl=ttl, returning=returning) for k, v in values.items()]
+        return first_error(self._run_many(reqs))
 
     def get_many(self, group_id: str, keys: Sequence[str]) -> builtins.list[Any]:
         """The values of many keys of one group (None where absent), in one call."""
@@ -585,6 +654,32 @@ class AsyncStateClient(_ClientBase):
                 )
             view = await link.refresh_async()
 
+    @overload
+    async def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: _Values = ...,
+    ) -> SetResult: ...
+
+    @overload
+    async def set(
+        self,
+        group_id: str,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: Literal["none"],
+    ) -> None: ...
+
     async def set(
         self,
         group_id: str,
@@ -594,14 +689,18 @@ class AsyncStateClient(_ClientBase):
         ttl: float | None = None,
         expected_version: int | None = None,
         op_id: str | None = None,
-    ) -> SetResult:
+        returning: Returning = "both",
+    ) -> SetResult | None:
         """Store ``value`` under ``key`` in ``group_id``; return the old and new value.
 
         ``ttl``: seconds until the entry expires. ``expected_version``: write only if the entry's
         version is this (0: only if absent), else :class:`ConflictError`. ``op_id``: names this call
         on this key: a repeat of the same call returns the first call's result and writes nothing
         again; the same op_id on another key is another write; on this key with a different call it
-        raises :class:`InvalidInput` and changes nothing.
+        raises :class:`InvalidInput` and changes nothing. ``returning``: ``"both"`` (default),
+        ``"new"`` or ``"old"`` (only that value; the other is None), ``"none"`` (returns None: no
+        value travels back, so the call's cost does not grow with the value, e.g. fan-in into one
+        large document).
         """
         req = set_request(
             group_id,
@@ -611,6 +710,7 @@ class AsyncStateClient(_ClientBase):
             op_id=op_id,
             ttl=ttl,
             expected_version=expected_version,
+            returning=returning,
         )
         return await self._run(req)  # type: ignore[no-any-return]
 
@@ -640,6 +740,32 @@ class AsyncStateClient(_ClientBase):
         """Remove every item of ``group_id``; return how many there were."""
         return await self._run(clear_request(group_id))  # type: ignore[no-any-return]
 
+    @overload
+    async def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: _Values = ...,
+    ) -> SetResult: ...
+
+    @overload
+    async def update(
+        self,
+        group_id: str,
+        key: str,
+        ops: Sequence[Any],
+        *,
+        ttl: float | None = ...,
+        expected_version: int | None = ...,
+        op_id: str | None = ...,
+        returning: Literal["none"],
+    ) -> None: ...
+
     async def update(
         self,
         group_id: str,
@@ -649,12 +775,21 @@ class AsyncStateClient(_ClientBase):
         ttl: float | None = None,
         expected_version: int | None = None,
         op_id: str | None = None,
-    ) -> SetResult:
+        returning: Returning = "both",
+    ) -> SetResult | None:
         """Apply ``ops`` to ``key`` atomically (all or nothing); return the old and new value.
 
         Options as for ``set``; without ``ttl`` an entry keeps the expiry it had.
         """
-        req = update_request(group_id, key, ops, op_id=op_id, ttl=ttl, expected_version=expected_version)
+        req = update_request(
+            group_id,
+            key,
+            ops,
+            op_id=op_id,
+            ttl=ttl,
+            expected_version=expected_version,
+            returning=returning,
+        )
         return await self._run(req)  # type: ignore[no-any-return]
 
     async def list_groups(self) -> builtins.list[str]:
@@ -685,11 +820,11 @@ class AsyncStateClient(_ClientBase):
         return AsyncPipeline(self)
 
     async def set_many(
-        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None
-    ) -> builtins.list[SetResult]:
+        self, group_id: str, values: Mapping[str, Any], *, ttl: float | None = None, returning: str = "both"
+    ) -> builtins.list[SetResult | None]:
         """Set many keys of one group in one call; raises the first error (the others still apply)."""
         limit = self._link.max_value_size
-        reqs = [set_request(group_id, k, v, limit, ttl=ttl) for k, v in values.items()]
+        reqs = [set_request(group_id, k, v, limit, ttl=ttl, returning=returning) for k, v in values.items()]
         return first_error(await self._run_many(reqs))
 
     async def get_many(self, group_id: str, keys: Sequence[str]) -> builtins.list[Any]:

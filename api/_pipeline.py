@@ -18,7 +18,7 @@ import builtins
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from shardstate._errors import StateError
+from shardstate._errors import InvalidInput, StateError
 from shardstate._requests import (
     Request,
     clear_request,
@@ -48,8 +48,8 @@ class _Queue:
         return self
 
     def set(self, group_id: str, key: str, value: Any, **options: Any) -> Any:
-        """Queue a ``set`` (options: ttl, expected_version, op_id)."""
-        return self._add(set_request(group_id, key, value, self._max, **options))
+        """Queue a ``set`` (options: ttl, expected_version, op_id, returning)."""
+        return self._add(set_request(group_id, key, value, self._max, **_options(options, _WRITE)))
 
     def get(self, group_id: str, key: str) -> Any:
         """Queue a ``get``."""
@@ -61,7 +61,7 @@ class _Queue:
 
     def delete(self, group_id: str, key: str, **options: Any) -> Any:
         """Queue a ``delete`` (options: expected_version, op_id)."""
-        return self._add(delete_request(group_id, key, **options))
+        return self._add(delete_request(group_id, key, **_options(options, _DELETE)))
 
     def list(self, group_id: str) -> Any:
         """Queue a ``list``."""
@@ -76,8 +76,8 @@ class _Queue:
         return self._add(clear_request(group_id))
 
     def update(self, group_id: str, key: str, ops: Sequence[Any], **options: Any) -> Any:
-        """Queue an ``update`` (options: ttl, expected_version, op_id)."""
-        return self._add(update_request(group_id, key, ops, **options))
+        """Queue an ``update`` (options: ttl, expected_version, op_id, returning)."""
+        return self._add(update_request(group_id, key, ops, **_options(options, _WRITE)))
 
     def __len__(self) -> int:
         return len(self._reqs)
@@ -85,6 +85,18 @@ class _Queue:
     def _take(self) -> builtins.list[Request]:
         reqs, self._reqs = self._reqs, []
         return reqs
+
+
+_WRITE = frozenset({"ttl", "expected_version", "op_id", "returning"})
+_DELETE = frozenset({"expected_version", "op_id"})
+
+
+def _options(options: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    """The options of a queued write, checked: anything else is :class:`InvalidInput`."""
+    unknown = set(options) - allowed
+    if unknown:
+        raise InvalidInput(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return options
 
 
 def outcomes(pairs: Sequence[tuple[bool, Any]]) -> builtins.list[Any]:

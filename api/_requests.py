@@ -18,7 +18,7 @@ from shardstate._errors import DecodeError, InvalidInput, StateError
 from shardstate._models import Entry, SetResult, StateItem
 from shardstate.ops import _Op
 from shardstate.shards import commands as C
-from shardstate.shards.engine import AUTO_OP_PREFIX
+from shardstate.shards.engine import AUTO_OP_PREFIX, RETURNING
 from shardstate.shards.update_ops import parse_ops
 from shardstate.shards.validation import check_name, check_writable, decode_value, encode_value
 
@@ -187,20 +187,39 @@ def set_request(
     op_id: str | None = None,
     ttl: float | None = None,
     expected_version: int | None = None,
+    returning: str = "both",
     system: bool = False,
 ) -> Request:
-    """``set``: the value travels pickled; the result's ``new_value`` is the caller's own object."""
+    """``set``: the value travels pickled; the result's ``new_value`` is the caller's own object.
+
+    ``returning``: ``"both"`` (a :class:`SetResult` with both values), ``"new"`` / ``"old"`` (only
+    that one; the other is None), ``"none"`` (the call returns None; the shard sends no value back).
+    """
     check_name(group_id, "group_id")
     check_name(key, "key")
     opts = write_options(op_id, ttl, expected_version, group_id=group_id, system=system)
+    _add_returning(opts, returning)
     data = encode_value(value, max_value_size)
 
-    def decode(payload: tuple[bytes | None, bytes | None]) -> SetResult:
-        # the caller's own object, unless this was a replay (op_id) of an earlier, different set
-        new = value if payload[1] == data else decode_value(payload[1])
-        return SetResult(old_value=decode_value(payload[0]), new_value=new)
+    def decode(payload: tuple[bytes | None, bytes | None]) -> SetResult | None:
+        if returning == "none":
+            return None
+        old = decode_value(payload[0]) if returning != "new" else None
+        if returning == "old":
+            return SetResult(old_value=old, new_value=None)
+        # the caller's own object, unless a repeat found only the key's current value to report
+        new = value if payload[1] is None or payload[1] == data else decode_value(payload[1])
+        return SetResult(old_value=old, new_value=new)
 
     return Request(group_id, C.command(C.SET, group_id, key, data, opts), decode)
+
+
+def _add_returning(opts: dict[str, Any], returning: str) -> None:
+    """Check ``returning=`` and put it in a write's options (the default, "both", travels as nothing)."""
+    if returning not in RETURNING:
+        raise InvalidInput(f"returning must be one of {RETURNING}, got {returning!r}")
+    if returning != "both":
+        opts["returning"] = returning
 
 
 def entry_request(group_id: str, key: str) -> Request:
@@ -270,12 +289,24 @@ def update_request(
     op_id: str | None = None,
     ttl: float | None = None,
     expected_version: int | None = None,
+    returning: str = "both",
 ) -> Request:
-    """``update``: ops checked here, applied atomically by the shard."""
+    """``update``: ops checked here, applied atomically by the shard (``returning`` as for ``set``)."""
     check_name(group_id, "group_id")
     check_name(key, "key")
     opts = write_options(op_id, ttl, expected_version, group_id=group_id)
-    return Request(group_id, C.command(C.UPDATE, group_id, key, wire_ops(ops), opts), _decode_pair)
+    _add_returning(opts, returning)
+    decode = _decode_pair if returning == "both" else _none if returning == "none" else _decode_pair_part
+    return Request(group_id, C.command(C.UPDATE, group_id, key, wire_ops(ops), opts), decode)
+
+
+def _none(_payload: Any) -> None:
+    return None
+
+
+def _decode_pair_part(payload: tuple[bytes | None, bytes | None]) -> SetResult:
+    """``returning="new"`` or ``"old"``: the shard sent only that value (the other is None)."""
+    return SetResult(old_value=decode_value(payload[0]), new_value=decode_value(payload[1]))
 
 
 GROUPS_COMMAND: C.Command = C.command(C.GROUPS)

@@ -256,9 +256,10 @@ class RouterActor:
         (result,) = await shard.execute.remote([req.cmd])
         return req.decode(unwrap(result))
 
-    async def set(self, group_id: str, key: str, value: Any) -> SetResult:
+    async def set(self, group_id: str, key: str, value: Any, returning: str = "both") -> SetResult | None:
         """See ``StateClient.set``."""
-        return await self._forward(set_request(group_id, key, value, self.config.max_value_size))  # type: ignore[no-any-return]
+        req = set_request(group_id, key, value, self.config.max_value_size, returning=returning)
+        return await self._forward(req)  # type: ignore[no-any-return]
 
     async def get(self, group_id: str, key: str) -> Any:
         """See ``StateClient.get``."""
@@ -280,9 +281,11 @@ class RouterActor:
         """See ``StateClient.clear``."""
         return await self._forward(clear_request(group_id))  # type: ignore[no-any-return]
 
-    async def update(self, group_id: str, key: str, ops: Sequence[Any]) -> SetResult:
+    async def update(
+        self, group_id: str, key: str, ops: Sequence[Any], returning: str = "both"
+    ) -> SetResult | None:
         """See ``StateClient.update``."""
-        return await self._forward(update_request(group_id, key, ops))  # type: ignore[no-any-return]
+        return await self._forward(update_request(group_id, key, ops, returning=returning))  # type: ignore[no-any-return]
 
     async def list_groups(self) -> builtins.list[str]:
         """See ``StateClient.list_groups``."""

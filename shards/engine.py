@@ -469,14 +469,18 @@ class ShardEngine:
             self._set_deadline(group_id, key, expires_at)
 
     # -- commands -----------------------------------------------------------------------------
-    def _set(self, group_id: str, key: str, data: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
+    def _set(
+        self, group_id: str, key: str, data: Any, opts: dict[str, Any]
+    ) -> tuple[bytes | None, bytes | None]:
         if not isinstance(data, bytes):
             raise InvalidInput("set: the value must arrive pickled (bytes)")
+        returning = _returning(opts)
         check_size(data, self.max_value_size)
         current = self._live(group_id, key)
         self._check_version(current, opts)
         self._write(group_id, key, data, current, self._expiry_time(current, opts, keep=False))
-        return (None if current is None else current.data, data)
+        old = None if current is None or returning in ("new", "none") else current.data
+        return (old, data if returning == "both" else None)  # the client has its own new value
 
     def _get(self, group_id: str, key: str, _arg: Any, _opts: dict[str, Any]) -> bytes | None:
         entry = self._live(group_id, key)
@@ -542,7 +546,10 @@ class ShardEngine:
         system = opts.get("system") is True  # system groups only when asked
         return [g for g in self.store.group_ids() if (system or not is_reserved(g)) and self._visible(g)]
 
-    def _update(self, group_id: str, key: str, ops: Any, opts: dict[str, Any]) -> tuple[bytes | None, bytes]:
+    def _update(
+        self, group_id: str, key: str, ops: Any, opts: dict[str, Any]
+    ) -> tuple[bytes | None, bytes | None]:
+        returning = _returning(opts)
         current = self._live(group_id, key)
         self._check_version(current, opts)
         value: Any = None
@@ -560,7 +567,19 @@ class ShardEngine:
         self._decoded[(group_id, key)] = (new, new_value)
         self._decoded_bytes += len(new)
         self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True))
-        return (None if current is None else current.data, new)
+        old = None if current is None or returning in ("new", "none") else current.data
+        return (old, new if returning in ("both", "new") else None)
+
+
+RETURNING = ("both", "new", "old", "none")
+
+
+def _returning(opts: dict[str, Any]) -> str:
+    """What a write answers (``returning=``): both values (default), the new, the old, or none."""
+    returning = opts.get("returning", "both")
+    if returning not in RETURNING:
+        raise InvalidInput(f"returning must be one of {RETURNING}, got {returning!r}")
+    return returning  # type: ignore[no-any-return]
 
 
 def op_scope(group_id: str, key: str | None, op_id: str) -> str:
@@ -584,7 +603,7 @@ def call_fingerprint(kind: str, arg: Any, opts: dict[str, Any]) -> bytes:
     elif arg is not None:
         digest.update(b"\x00p")
         digest.update(pickle.dumps(arg, protocol=pickle.HIGHEST_PROTOCOL))
-    digest.update(repr((opts.get("ttl"), opts.get("expected_version"))).encode())
+    digest.update(repr((opts.get("ttl"), opts.get("expected_version"), opts.get("returning"))).encode())
     return digest.digest()
 
 
