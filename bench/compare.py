@@ -71,6 +71,14 @@ def keyed_merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
         p.update(job, "progress", [ops.increment("done")])
 
 
+@ray.remote(num_cpus=0.5)
+def quiet_merge_task(state: shardstate.StateClient, job: str, i: int) -> None:
+    """``merge_task`` with ``returning="none"``: no document travels back to the task."""
+    state.update(
+        job, "result", [ops.merge("fields", {f"t{i}": i}), ops.increment("done")], returning="none"
+    )
+
+
 def timed_tasks(refs: Callable[[], list[Any]]) -> float:
     t0 = time.perf_counter()
     ray.get(refs())
@@ -206,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     small = timed_tasks(lambda: [small_merge_task.remote(state, small_job, i) for i in range(n)])
     keyed = timed_tasks(lambda: [keyed_merge_task.remote(state, keyed_job, i) for i in range(n)])
     fan = timed_tasks(lambda: [merge_task.remote(state, job, i) for i in range(n)])
+    quiet_job = f"quiet-{time.monotonic_ns()}"
+    quiet = timed_tasks(lambda: [quiet_merge_task.remote(state, quiet_job, i) for i in range(n)])
     assert state.get(job, "result")["done"] == n
+    assert state.get(quiet_job, "result")["done"] == n
     assert sum(state.get(small_job, f"part-{p}")["done"] for p in range(64)) == n
     assert state.get(keyed_job, "progress") == {"done": n}
     assert len(state.items(keyed_job)) == n + 1
@@ -222,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     fan_row("shardstate (os), 64 small docs", small)
     fan_row("shardstate (os), key per task + counter", keyed)
     fan_row("shardstate (os), one document", fan)
+    fan_row('shardstate (os), one document, returning="none"', quiet)
 
     # 3. single-op sync latency vs a raw actor round trip (interleaved rounds)
     ray.get(raw.incr.remote("k"))
