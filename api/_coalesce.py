@@ -37,6 +37,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from shardstate._errors import Deferred, InvalidInput, ShardLoading, StaleShardMap, StateError
 from shardstate._requests import decode_payload, request_bytes
+from shardstate._retry import Backoff
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -194,8 +195,6 @@ class SyncLanes:
             batch = batch[count:]
 
     def _send_one(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
-        from shardstate._client import Backoff
-
         link = self.link
         try:
             packed = pack([s.req.cmd for s in batch])
@@ -386,8 +385,6 @@ class AsyncLanes:
 
         Returns the slots the shard deferred (a tail of the batch, not settled), to be sent again.
         """
-        from shardstate._client import Backoff
-
         link = self.link
         backoff: Backoff | None = None
         while True:
