@@ -286,7 +286,10 @@ class WireServer:
                 started.set()
                 return
             started.set()
-            self._loop.run_forever()
+            try:
+                self._loop.run_forever()
+            finally:
+                self._loop.close()
 
         self._thread = threading.Thread(target=run, daemon=True, name="shardstate-wire")
         self._thread.start()
@@ -321,16 +324,22 @@ class WireServer:
                 await writer.wait_closed()
 
     def close(self) -> None:
-        """Stop accepting and stop the loop (open connections are dropped with the thread)."""
-
-        def stop() -> None:
-            if self._server is not None:
-                self._server.close()
-            self._loop.stop()
-
+        """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(stop)
+            self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def serve(host: str, secret: bytes, handler: Handler, port: int = 0) -> WireServer:
