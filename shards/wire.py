@@ -317,6 +317,8 @@ class WireServer:
         except (WireError, asyncio.TimeoutError, OSError) as exc:
             self.refused += 1
             print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except Exception as exc:  # the handler failed: the client sees a closed connection and retries
+            print(f"shardstate wire: request failed, closing: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             self.connections -= 1
             writer.close()

@@ -300,3 +300,19 @@ def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
 def test_a_connection_needs_a_secret() -> None:
     with pytest.raises(AuthenticationError):
         ShardConnection(("127.0.0.1", 1), b"")
+
+
+def test_a_failing_handler_closes_that_connection_only() -> None:
+    def handler(packed: bytes, lane: str | None, resume: bool) -> bytes:
+        if packed == b"boom":
+            raise RuntimeError("a bug")
+        return packed
+
+    srv = WireServer("127.0.0.1", SECRET, handler)
+    try:
+        with ShardConnection(srv.address, SECRET) as other, ShardConnection(srv.address, SECRET) as conn:
+            with pytest.raises(WireError):
+                conn.call(b"boom")
+            assert other.call(b"fine") == b"fine"
+    finally:
+        srv.close()
