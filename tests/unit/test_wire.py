@@ -8,6 +8,7 @@ import pickle
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,83 @@ def test_a_failing_handler_closes_that_connection_only() -> None:
             assert other.call(b"fine") == b"fine"
     finally:
         srv.close()
+
+
+def test_the_async_client_handshake_and_frames(server: WireServer) -> None:
+    async def main() -> Any:
+        reader, writer = await asyncio.open_connection(*server.address)
+        try:
+            await wire.client_handshake_async(reader, writer, SECRET)
+            await wire.write_frame_async(writer, wire.pack_request(pickle.dumps("hi"), "lane", True))
+            return pickle.loads(await wire.read_frame_async(reader))
+        finally:
+            writer.close()
+
+    assert asyncio.run(main()) == ("echo", "'hi'", "lane", True)
+
+    async def wrong() -> None:
+        reader, writer = await asyncio.open_connection(*server.address)
+        try:
+            await wire.client_handshake_async(reader, writer, b"w" * 32)
+        finally:
+            writer.close()
+
+    with pytest.raises(AuthenticationError):
+        asyncio.run(wrong())
+
+
+def test_a_shard_serializes_socket_and_direct_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one-engine invariant without Ray: batches over the shard's socket and direct calls of
+    ``execute`` (what a Ray call runs) increment one key; the counter is exact."""
+    from shardstate._requests import update_request
+    from shardstate.shards import actor as actor_module
+    from shardstate.shards import commands as C
+    from shardstate.shards.actor import READY, ShardActor
+
+    monkeypatch.setattr(actor_module.ShardActor, "_notifier", lambda self: None)
+    shard = ShardActor("unit", 0, range(4096), 0, directory=str(tmp_path), durability="os", sweep_interval=0)
+    deadline = time.monotonic() + 30
+    while shard.phase != READY:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    address = shard.serve_wire(SECRET, "127.0.0.1")
+    assert shard.address() == address
+    assert shard.info()["address"] == address
+    shard.execute([C.command(C.SET, "g", "n", pickle.dumps({"n": 0}), None)])
+    rounds, errors = 300, []
+
+    def bump() -> list[Any]:
+        return [update_request("g", "n", [{"type": "increment", "path": "n"}]).cmd]
+
+    def over_socket() -> None:
+        try:
+            with ShardConnection(address, SECRET) as conn:
+                for _ in range(rounds):
+                    ((ok, answer),) = pickle.loads(conn.call(pickle.dumps(bump())))
+                    assert ok, answer
+        except BaseException as exc:
+            errors.append(exc)
+
+    def direct() -> None:
+        try:
+            for _ in range(rounds):
+                ((ok, answer),) = shard.execute(bump())
+                assert ok, answer
+        except BaseException as exc:
+            errors.append(exc)
+
+    workers = [threading.Thread(target=f) for f in [over_socket, direct] * 3]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(50)
+        assert not errors, errors[:3]
+        ((ok, value),) = shard.execute([C.command(C.GET, "g", "n")])
+        assert pickle.loads(value) == {"n": 6 * rounds}
+    finally:
+        assert shard._wire is not None
+        shard._wire.close()
+        shard.storage.close()
