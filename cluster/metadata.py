@@ -14,11 +14,14 @@ Keys (namespace :data:`KV_NAMESPACE`): ``<cluster>/<name>``:
   event seqs above it; SQLite files carry it too, so an older copy of a file is refused)
 - ``<cluster>/triggers``: whether any trigger is registered
 - ``<cluster>/shard/<i>/hold``: test/operator switch: a shard holds its load while it is true
+- ``<cluster>/secret``: the cluster's secret (32 random bytes, raw, not JSON), made with the cluster:
+  shards and clients prove it to each other when a connection opens (``shardstate.shards.wire``)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Any
 
@@ -65,6 +68,21 @@ def create(
     if not existed:
         return record, True
     return read(cluster, "cluster"), False
+
+
+def secret(cluster: str) -> bytes:
+    """The cluster's secret, created (32 random bytes) by the first caller.
+
+    Atomic in the GCS (put-if-absent, then read back): every caller gets the one that won. Kept
+    only in the GCS (which Ray's token authentication guards), never in a file; clients get it
+    through a Ray call to the router.
+    """
+    key = _key(cluster, "secret")
+    internal_kv._internal_kv_put(key, os.urandom(32), overwrite=False, namespace=KV_NAMESPACE)
+    value = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise RuntimeError(f"state cluster {cluster!r}: its secret in the GCS is unreadable")
+    return value
 
 
 def cluster_record(cluster: str) -> dict[str, Any] | None:

@@ -86,6 +86,7 @@ class RouterActor:
     def _start(self, requested: ClusterConfig) -> None:
         record, migrated = _cluster_record(requested)
         self.cluster_id = record["id"]
+        metadata.secret(requested.name)  # made with the cluster, before any shard serves
         self.config = ClusterConfig(**{**record["config"], "name": requested.name})
         self.map = SlotMap.initial(self.config.shards)
         self.manifest_path: Path | None = None
@@ -215,6 +216,21 @@ class RouterActor:
         """``(epoch, slot owners, shard handles)`` for clients that route by themselves."""
         return (self.map.epoch, self.map.owners, list(self.shards))
 
+    async def shard_addresses(self, timeout: float = 10.0) -> tuple[int, list[tuple[str, int] | None]]:
+        """``(epoch, per shard the (host, port) of its own connection)``, asked of each shard now
+        (a restarted shard has a new port). None for a shard that has none (yet): loading,
+        restarting, or not answering within ``timeout`` s; use its Ray handle meanwhile.
+
+        Separate from :meth:`shard_map`, whose 3-tuple existing clients unpack."""
+        epoch = self.map.epoch
+        addresses = await asyncio.gather(*(_address(s, timeout) for s in self.shards))
+        return (epoch, builtins.list(addresses))
+
+    def wire_secret(self) -> bytes:
+        """The cluster's secret, for clients opening shard connections. Handed out only through
+        this Ray call (Ray's token authentication guards it) and kept only in the GCS."""
+        return metadata.secret(self.config.name)
+
     async def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Every shard's ``info()``, in shard order."""
         return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
@@ -343,6 +359,15 @@ async def _status(shard: Any, timeout: float) -> dict[str, Any]:
         return await asyncio.wait_for(shard.status.remote(), max(timeout, 0.01))  # type: ignore[no-any-return]
     except (asyncio.TimeoutError, RayActorError):
         return {"phase": "restarting"}
+
+
+async def _address(shard: Any, timeout: float) -> tuple[str, int] | None:
+    """A shard's ``address()``; None if it died meanwhile or did not answer."""
+    try:
+        address = await asyncio.wait_for(shard.address.remote(), timeout)
+    except (asyncio.TimeoutError, RayActorError):
+        return None
+    return None if address is None else (str(address[0]), int(address[1]))
 
 
 def _alive_nodes() -> builtins.list[tuple[str, str]]:

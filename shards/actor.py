@@ -1,8 +1,14 @@
 """The shard actor: a thin Ray shell around :class:`ShardEngine` and its :class:`Storage`.
 
 Written as a plain class and made remote at the edge (``shard_actor_class``). It runs as a sync actor
-with ``max_concurrency=1``: Ray then executes its calls one at a time and keeps each caller's order,
-so the actor itself is the serialization point of every group it owns and needs no locks.
+with ``max_concurrency=1``: Ray then executes its calls one at a time and keeps each caller's order.
+
+Batches also arrive on the shard's own connection (:mod:`shardstate.shards.wire`): once loaded, the
+shard serves authenticated connections on the node's IP, on an ephemeral port (``address()``,
+``info()["address"]``), on a thread of its own. THE ONE-ENGINE INVARIANT: every batch, from the
+socket or from a Ray call, and every other use of the engine (sweep, ack, events, slots), runs
+under :attr:`ShardActor._engine_lock`, one at a time; so the shard stays the serialization point of
+every group it owns, and an update is atomic without locks of its own.
 
 Start-up: ``__init__`` returns at once (after at most :data:`INIT_GRACE` seconds) and the shard loads
 its storage in a background thread; until it is done every command is answered with
@@ -39,17 +45,21 @@ from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
 from shardstate.shards.records import Event
 from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
+from shardstate.shards.wire import MAX_FRAME, WireServer
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
 #: The largest packed batch a shard unpickles (clients split theirs far below this).
-MAX_FRAME_BYTES = 512 * 1024 * 1024
+MAX_FRAME_BYTES = MAX_FRAME
 #: Seconds the notifier waits after a commit before pushing its events to the subscriber.
 NOTIFY_DELAY = 0.01
 #: Seconds ``__init__`` waits for the background load (a small shard answers its first call loaded)
 INIT_GRACE = 1.0
 #: A memory shard's event seqs start at ``incarnation << SEQ_BITS`` (unique across restarts).
 SEQ_BITS = 40
+#: Set in a shard's environment to bind its connection there instead of the node's IP
+#: (e.g. ``127.0.0.1`` when every client runs on the shard's node)
+WIRE_HOST_ENV = "SHARDSTATE_WIRE_HOST"
 #: The phases of a shard's start-up (``status()``, ``info()["phase"]``)
 OPENING, LOADING, READY, FAILED = "opening", "loading", "ready", "failed"
 
@@ -93,6 +103,11 @@ class ShardActor:
         self._subscriber: Any = None
         self._outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
+        #: the one-engine invariant (module docstring): held by every use of the engine
+        self._engine_lock = threading.Lock()
+        #: the shard's own connection (started once loaded, in a cluster that has a secret)
+        self._wire: WireServer | None = None
+        self.wire_error: str | None = None
         # -- loading (a background thread fills these; calls read them) ---------------------------
         self.phase = OPENING
         self.load_error: str | None = None
@@ -147,9 +162,32 @@ class ShardActor:
             self.phase = FAILED
             print(f"shardstate shard {self.index}: cannot load: {self.load_error}", file=sys.stderr)
             return
+        if self.cluster_id is not None:
+            self._start_wire()
         threading.Thread(target=self._notifier, daemon=True).start()
         if self.sweep_interval > 0:
             threading.Thread(target=self._sweeper, args=(self.sweep_interval,), daemon=True).start()
+
+    def _start_wire(self) -> None:
+        """Serve batches on the shard's own connection (the node's IP, an ephemeral port). Without
+        it (no secret, no port) the shard serves Ray calls only, and ``info()`` says why."""
+        try:
+            self.serve_wire(metadata.secret(self.cluster), _wire_host())
+        except Exception as exc:
+            self.wire_error = f"{type(exc).__name__}: {exc}"
+            print(f"shardstate shard {self.index}: no own connection: {self.wire_error}", file=sys.stderr)
+
+    def serve_wire(self, secret: bytes, host: str) -> tuple[str, int]:
+        """Start the shard's connection on ``host`` with ``secret`` (once); return its address.
+
+        Every request runs :meth:`run`, under the same engine lock as the Ray calls."""
+        if self._wire is None:
+            self._wire = WireServer(host, secret, self.run)
+        return self._wire.address
+
+    def address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the shard's own connection; None while loading or without one."""
+        return None if self._wire is None else self._wire.address
 
     def _initial_durable_events(self) -> bool:
         """Whether the loaded engine keeps events durably at first: a trigger is registered (the
@@ -284,7 +322,8 @@ class ShardActor:
         more pages (None lifts the cap), to exercise a failing storage for real."""
         if not isinstance(self.storage, SqliteStorage):
             raise InvalidInput("only a SQLite shard has pages to limit")
-        return self.storage.limit_pages(extra)
+        with self._engine_lock:
+            return self.storage.limit_pages(extra)
 
     def _sweeper(self, interval: float) -> None:
         """Ask this actor to sweep, through its own queue, so sweeps serialize with batches."""
@@ -300,6 +339,8 @@ class ShardActor:
     def execute(self, batch: Sequence[Any], lane: str | None = None, resume: bool = False) -> list[Result]:
         """Execute a batch of commands in order, commit their changes, then answer (one result each).
 
+        Holds the engine lock throughout (the one-engine invariant: socket and Ray batches alike).
+
         ``lane``/``resume``: a client stream with several batches in flight (see
         ``ShardEngine.execute_batch``: a deferral fences the lane until the rest comes back). A lane
         answered "loading" is fenced the same way, so none of its batches that arrive after the
@@ -309,6 +350,10 @@ class ShardActor:
             return [(False, InvalidInput(f"a batch is a list of commands, got {type(batch).__name__}"))]
         if lane is not None and not isinstance(lane, str):
             return [(False, InvalidInput(f"a lane is a str, got {type(lane).__name__}"))]
+        with self._engine_lock:
+            return self._execute_locked(batch, lane, resume)
+
+    def _execute_locked(self, batch: Sequence[Any], lane: str | None, resume: bool) -> list[Result]:
         if self.phase != READY:
             if lane is not None and len(self._loading_lanes) < 4096:
                 self._loading_lanes.add(lane)
@@ -392,20 +437,23 @@ class ShardActor:
     def events_since(self, after: int, limit: int = 1000) -> list[Event]:
         """Committed events with ``seq > after`` (at most ``limit``), in order."""
         self._require_ready()
-        return self.engine.events_since(after, limit)
+        with self._engine_lock:
+            return self.engine.events_since(after, limit)
 
     def event_state(self) -> tuple[int, int, int]:
         """``(last seq, last acknowledged seq, oldest seq still in memory)`` of the event log."""
         self._require_ready()
-        log = self.engine.events
-        return (self.engine.seq, self.engine.acked_seq, log[0].seq if log else self.engine.seq + 1)
+        with self._engine_lock:
+            log = self.engine.events
+            return (self.engine.seq, self.engine.acked_seq, log[0].seq if log else self.engine.seq + 1)
 
     def ack(self, seq: int) -> int:
         """The subscriber handled every event up to ``seq``; storage drops them. Returns the ack."""
         self._require_ready()
-        acked = self.engine.ack(seq)
-        self._commit()
-        return acked
+        with self._engine_lock:
+            acked = self.engine.ack(seq)
+            self._commit()
+            return acked
 
     def set_events_durable(self, durable: bool) -> int:
         """Whether a trigger listens (the subscriber says): keep events durably for it, or only in
@@ -415,9 +463,10 @@ class ShardActor:
             if self.phase != READY:
                 self._durable_wish = bool(durable)
                 return self._seq_hint
-        seq = self.engine.set_durable_events(bool(durable))
-        self._commit()
-        return seq
+        with self._engine_lock:
+            seq = self.engine.set_durable_events(bool(durable))
+            self._commit()
+            return seq
 
     def sweep(self) -> int:
         """Delete expired entries and forget old op results now; return how many entries expired.
@@ -425,22 +474,28 @@ class ShardActor:
         While storage is failing, first try whether it works again (a probe commit)."""
         if self.phase != READY:
             return 0
-        if not self.storage_ok:
-            self._probe_storage()
-        expired = self.engine.sweep()
-        self._commit()
-        return expired
+        with self._engine_lock:
+            if not self.storage_ok:
+                self._probe_storage()
+            expired = self.engine.sweep()
+            self._commit()
+            return expired
 
     def set_slots(self, slots: Iterable[int], epoch: int) -> int:
         """Take a new slot assignment (from the router); return the new epoch."""
-        if epoch > self.epoch:
-            self.slots, self.epoch = frozenset(slots), epoch
-        return self.epoch
+        with self._engine_lock:  # a batch sees one slot set from start to end
+            if epoch > self.epoch:
+                self.slots, self.epoch = frozenset(slots), epoch
+            return self.epoch
 
     def info(self) -> dict[str, Any]:
         """Where this shard runs and what it holds (for tests, the console and the CLI)."""
-        store = self.engine.store
         node_id, node_ip = _node()
+        with self._engine_lock:
+            return self._info(node_id, node_ip)
+
+    def _info(self, node_id: str | None, node_ip: str | None) -> dict[str, Any]:
+        store = self.engine.store
         total = self._rows_total
         return {
             "index": self.index,
@@ -466,6 +521,8 @@ class ShardActor:
             "batches": self.batches,
             "deferrals": self.engine.deferrals,
             "commands": self.commands,
+            "address": self.address(),
+            "wire_error": self.wire_error,
         }
 
     def ping(self) -> int:
@@ -494,6 +551,15 @@ def _where_it_was(record: dict[str, Any] | None, index: int) -> str:
         f" (the cluster metadata says shard {index} kept it on node {record.get('node_id')} "
         f"({record.get('node_ip')}) at {record.get('path')}; this is node {node_id} ({node_ip}))"
     )
+
+
+def _wire_host() -> str:
+    """Where the shard's connection listens: :data:`WIRE_HOST_ENV`, else the node's IP."""
+    told = os.environ.get(WIRE_HOST_ENV)
+    if told:
+        return told
+    _node_id, node_ip = _node()
+    return node_ip or "127.0.0.1"
 
 
 def _was_restarted() -> bool:

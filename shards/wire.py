@@ -1,0 +1,390 @@
+"""The shard's own connection: length-prefixed frames behind an HMAC challenge-response handshake.
+
+Imported by the shard and by clients; it imports neither (a handler is handed to :func:`serve`).
+
+Frames. Every message is ``4-byte big-endian length + body``. The length is checked against a
+maximum *before* a byte of the body is read: a peer that announces more is cut off (its connection
+only). While the handshake runs the maximum is :data:`HANDSHAKE_MAX` (a few dozen bytes), after it
+:data:`MAX_FRAME`.
+
+Handshake (the scheme of the stdlib's ``multiprocessing.connection``, made mutual). ``S`` is the
+cluster's secret (32 random bytes in the cluster metadata, handed out only through Ray)::
+
+    server -> client   MAGIC + server nonce Ns (32 random bytes)
+    client -> server   HMAC-SHA256(S, "client" + Ns) + client nonce Nc
+    server -> client   WELCOME + HMAC-SHA256(S, "server" + Nc)      (or FAILURE, then it closes)
+
+Each side compares digests with :func:`hmac.compare_digest`. The role labels keep one side's
+answer from being replayed as the other's. The handshake only proves that both ends hold the secret;
+it does not encrypt (run clusters on a network you trust, as Ray itself asks). Nothing is unpickled
+on either side before the peer has proven the secret: the handshake is raw bytes.
+
+Requests after the handshake (client -> shard), one frame each, answered in order (FIFO)::
+
+    flags (1 byte: bit 0 resume, bit 1 a lane follows) + lane length (2 bytes) + lane (UTF-8)
+    + packed batch (what ``ShardActor.run`` takes)
+
+and the answer frame's body is exactly the bytes ``ShardActor.run`` returns. A request whose
+header does not parse closes the connection; a packed batch that does not unpickle is answered by
+the shard with an error result, as on the Ray path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+#: The largest frame body a peer may announce after the handshake (a client splits its batches
+#: far below this); a larger announcement closes the connection before its body is read.
+MAX_FRAME = 512 * 1024 * 1024
+#: The largest frame body accepted while the handshake runs.
+HANDSHAKE_MAX = 128
+#: Seconds a connection may take to complete its handshake.
+HANDSHAKE_TIMEOUT = 10.0
+#: Bytes of each handshake nonce and of the cluster secret.
+NONCE_SIZE = 32
+SECRET_SIZE = 32
+
+MAGIC = b"#SHARDSTATE-WIRE-1#"
+WELCOME = b"#WELCOME#"
+FAILURE = b"#FAILURE#"
+
+_LENGTH = struct.Struct(">I")
+_HEADER = struct.Struct(">BH")
+_RESUME, _LANE = 1, 2
+_DIGEST_SIZE = hashlib.sha256().digest_size
+
+#: A shard's handler: ``(packed batch, lane, resume) -> packed results`` (``ShardActor.run``).
+Handler = Callable[[bytes, "str | None", bool], bytes]
+
+
+class WireError(ConnectionError):
+    """The connection broke or its peer broke the protocol; the connection is closed."""
+
+
+class ConnectionClosed(WireError):
+    """The peer closed the connection cleanly, between two frames."""
+
+
+class FrameTooLarge(WireError):
+    """The peer announced a frame longer than allowed (its body was not read)."""
+
+
+class AuthenticationError(WireError):
+    """The peer did not prove it holds the cluster's secret (or we did not, to it)."""
+
+
+# -- frames: sync (sockets) -----------------------------------------------------------------------
+def write_frame(sock: socket.socket, body: bytes) -> None:
+    """Send one frame (length prefix + ``body``)."""
+    if len(body) > MAX_FRAME:
+        raise FrameTooLarge(f"a frame is at most {MAX_FRAME} bytes, this one {len(body)}")
+    if len(body) < 65536:
+        sock.sendall(_LENGTH.pack(len(body)) + body)
+    else:  # no copy of a large body
+        sock.sendall(_LENGTH.pack(len(body)))
+        sock.sendall(body)
+
+
+def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> bytes:
+    """Receive one frame's body; :class:`FrameTooLarge` if it announces more than ``max_size``
+    (checked before the body is read), :class:`WireError` if the peer closes mid-frame."""
+    (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, between_frames=True))
+    if size > max_size:
+        raise FrameTooLarge(f"peer announced a frame of {size} bytes (at most {max_size})")
+    return _recv_exactly(sock, size)
+
+
+def _recv_exactly(sock: socket.socket, size: int, between_frames: bool = False) -> bytes:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            if between_frames and got == 0:
+                raise ConnectionClosed("the peer closed the connection")
+            raise WireError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return bytes(buf)
+
+
+# -- frames: asyncio (streams) --------------------------------------------------------------------
+async def write_frame_async(writer: asyncio.StreamWriter, body: bytes) -> None:
+    """Send one frame (length prefix + ``body``) and wait until it is flushed."""
+    if len(body) > MAX_FRAME:
+        raise FrameTooLarge(f"a frame is at most {MAX_FRAME} bytes, this one {len(body)}")
+    writer.write(_LENGTH.pack(len(body)))
+    writer.write(body)
+    await writer.drain()
+
+
+async def read_frame_async(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
+    """Receive one frame's body (see :func:`read_frame`)."""
+    try:
+        (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            raise ConnectionClosed("the peer closed the connection") from None
+        raise WireError(f"connection closed after {len(exc.partial)} of {exc.expected} bytes") from None
+    if size > max_size:
+        raise FrameTooLarge(f"peer announced a frame of {size} bytes (at most {max_size})")
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as exc:
+        raise WireError(f"connection closed after {len(exc.partial)} of {exc.expected} bytes") from None
+
+
+# -- the handshake (pure parts) ---------------------------------------------------------------------
+def new_secret() -> bytes:
+    """A fresh cluster secret."""
+    return os.urandom(SECRET_SIZE)
+
+
+def _digest(secret: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+def _challenge() -> tuple[bytes, bytes]:
+    """``(nonce, the server's first message)``."""
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce, MAGIC + nonce
+
+
+def _answer(secret: bytes, challenge: bytes) -> tuple[bytes, bytes]:
+    """The client's reply to ``challenge``: ``(its own nonce, the message)``."""
+    if len(challenge) != len(MAGIC) + NONCE_SIZE or not challenge.startswith(MAGIC):
+        raise AuthenticationError("the peer is not a shardstate shard (unexpected greeting)")
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce, _digest(secret, b"client", challenge[len(MAGIC) :]) + nonce
+
+
+def _check_answer(secret: bytes, nonce: bytes, answer: bytes) -> bytes:
+    """The server checks the client's answer; returns its welcome message (with its own proof)."""
+    if len(answer) != _DIGEST_SIZE + NONCE_SIZE:
+        raise AuthenticationError("malformed handshake answer")
+    if not hmac.compare_digest(answer[:_DIGEST_SIZE], _digest(secret, b"client", nonce)):
+        raise AuthenticationError("the client does not hold the cluster's secret")
+    return WELCOME + _digest(secret, b"server", answer[_DIGEST_SIZE:])
+
+
+def _check_welcome(secret: bytes, nonce: bytes, welcome: bytes) -> None:
+    """The client checks the server's proof."""
+    if welcome == FAILURE:
+        raise AuthenticationError("the shard refused our secret (a wrong cluster secret)")
+    if not welcome.startswith(WELCOME) or not hmac.compare_digest(
+        welcome[len(WELCOME) :], _digest(secret, b"server", nonce)
+    ):
+        raise AuthenticationError("the shard does not hold the cluster's secret")
+
+
+# -- the handshake: sync and async drivers ---------------------------------------------------------
+def client_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Prove the secret to the server and check its proof (raises :class:`AuthenticationError`)."""
+    nonce, message = _answer(secret, read_frame(sock, HANDSHAKE_MAX))
+    write_frame(sock, message)
+    _check_welcome(secret, nonce, read_frame(sock, HANDSHAKE_MAX))
+
+
+def server_handshake(sock: socket.socket, secret: bytes) -> None:
+    """Challenge the client; on a wrong answer send FAILURE and raise :class:`AuthenticationError`."""
+    nonce, message = _challenge()
+    write_frame(sock, message)
+    try:
+        welcome = _check_answer(secret, nonce, read_frame(sock, HANDSHAKE_MAX))
+    except AuthenticationError:
+        with contextlib.suppress(OSError):
+            write_frame(sock, FAILURE)
+        raise
+    write_frame(sock, welcome)
+
+
+async def client_handshake_async(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes
+) -> None:
+    """:func:`client_handshake` on asyncio streams."""
+    nonce, message = _answer(secret, await read_frame_async(reader, HANDSHAKE_MAX))
+    await write_frame_async(writer, message)
+    _check_welcome(secret, nonce, await read_frame_async(reader, HANDSHAKE_MAX))
+
+
+async def server_handshake_async(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, secret: bytes
+) -> None:
+    """:func:`server_handshake` on asyncio streams."""
+    nonce, message = _challenge()
+    await write_frame_async(writer, message)
+    try:
+        welcome = _check_answer(secret, nonce, await read_frame_async(reader, HANDSHAKE_MAX))
+    except AuthenticationError:
+        with contextlib.suppress(OSError):
+            await write_frame_async(writer, FAILURE)
+        raise
+    await write_frame_async(writer, welcome)
+
+
+# -- requests ---------------------------------------------------------------------------------------
+def pack_request(packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
+    """A request frame's body: the small header (flags, lane) and the packed batch."""
+    raw = b"" if lane is None else lane.encode()
+    flags = (_RESUME if resume else 0) | (0 if lane is None else _LANE)
+    return _HEADER.pack(flags, len(raw)) + raw + packed
+
+
+def unpack_request(body: bytes) -> tuple[bytes, str | None, bool]:
+    """``(packed, lane, resume)`` of a request body; :class:`WireError` if its header is garbage."""
+    if len(body) < _HEADER.size:
+        raise WireError("a request frame shorter than its header")
+    flags, size = _HEADER.unpack_from(body)
+    end = _HEADER.size + size
+    if flags & ~(_RESUME | _LANE) or len(body) < end or (size and not flags & _LANE):
+        raise WireError("a request frame with a malformed header")
+    try:
+        lane = body[_HEADER.size : end].decode() if flags & _LANE else None
+    except UnicodeDecodeError:
+        raise WireError("a request frame whose lane is not UTF-8") from None
+    return body[end:], lane, bool(flags & _RESUME)
+
+
+# -- the server (inside the shard) ------------------------------------------------------------------
+class WireServer:
+    """An asyncio server on a daemon thread: authenticates each connection, then answers its
+    request frames in order with ``handler`` (called on the loop's thread, one request at a time
+    per server; the handler itself serializes with the shard's other callers).
+
+    A connection that fails the handshake, sends a truncated, oversized or malformed frame, or
+    goes away is closed; the server and every other connection carry on.
+    """
+
+    def __init__(self, host: str, secret: bytes, handler: Handler, port: int = 0) -> None:
+        self.secret = secret
+        self.handler = handler
+        self.connections = 0  # currently open, authenticated or not
+        self.refused = 0  # connections closed for failing the handshake or breaking the protocol
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._server = self._loop.run_until_complete(
+                    asyncio.start_server(self._serve, host, port, limit=1 << 20)
+                )
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            try:
+                self._loop.run_forever()
+            finally:
+                self._loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True, name="shardstate-wire")
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        assert self._server is not None
+        bound = self._server.sockets[0].getsockname()
+        self.address: tuple[str, int] = (bound[0], bound[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(server_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)
+            while True:
+                body = await read_frame_async(reader)
+                packed, lane, resume = unpack_request(body)
+                await write_frame_async(writer, self.handler(packed, lane, resume))
+        except ConnectionClosed:
+            pass  # the client is done
+        except (WireError, asyncio.TimeoutError, OSError) as exc:
+            self.refused += 1
+            print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except Exception as exc:  # the handler failed: the client sees a closed connection and retries
+            print(f"shardstate wire: request failed, closing: {type(exc).__name__}: {exc}", file=sys.stderr)
+        finally:
+            self.connections -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def close(self) -> None:
+        """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
+        if self._loop.is_closed():
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def serve(host: str, secret: bytes, handler: Handler, port: int = 0) -> WireServer:
+    """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given)."""
+    return WireServer(host, secret, handler, port)
+
+
+# -- a client connection ------------------------------------------------------------------------
+class ShardConnection:
+    """One authenticated, blocking connection to a shard (not thread-safe: one caller at a time).
+
+    ``call(packed, lane, resume)`` is ``ShardActor.run`` over the socket: it sends the packed batch
+    and returns the packed results. Any :class:`WireError` or ``OSError`` leaves the connection
+    closed; open a new one (the shard may have moved or restarted: ask the router).
+    """
+
+    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float | None = 30.0) -> None:
+        if not isinstance(secret, bytes) or not secret:
+            raise AuthenticationError("the cluster secret is non-empty bytes")
+        self.address = (address[0], int(address[1]))
+        self.sock = socket.create_connection(self.address, timeout=timeout)
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client_handshake(self.sock, secret)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def call(self, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
+        """Send one packed batch and return the shard's packed results."""
+        try:
+            write_frame(self.sock, pack_request(packed, lane, resume))
+            return read_frame(self.sock)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self.sock.close()
+
+    def __enter__(self) -> ShardConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
