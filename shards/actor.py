@@ -57,8 +57,8 @@ NOTIFY_DELAY = 0.01
 INIT_GRACE = 1.0
 #: A memory shard's event seqs start at ``incarnation << SEQ_BITS`` (unique across restarts).
 SEQ_BITS = 40
-#: Set in a shard's environment to bind its connection there instead of the node's IP
-#: (e.g. ``127.0.0.1`` when every client runs on the shard's node)
+#: Set in a shard's environment to bind its connection elsewhere than loopback: ``node`` (the
+#: node's IP, for clients on other nodes of a multi-node cluster) or an address
 WIRE_HOST_ENV = "SHARDSTATE_WIRE_HOST"
 #: The phases of a shard's start-up (``status()``, ``info()["phase"]``)
 OPENING, LOADING, READY, FAILED = "opening", "loading", "ready", "failed"
@@ -554,12 +554,13 @@ def _where_it_was(record: dict[str, Any] | None, index: int) -> str:
 
 
 def _wire_host() -> str:
-    """Where the shard's connection listens: :data:`WIRE_HOST_ENV`, else the node's IP."""
-    told = os.environ.get(WIRE_HOST_ENV)
-    if told:
-        return told
-    _node_id, node_ip = _node()
-    return node_ip or "127.0.0.1"
+    """Where the shard's connection listens: 127.0.0.1 unless :data:`WIRE_HOST_ENV` says otherwise
+    (``node``: the node's IP)."""
+    told = os.environ.get(WIRE_HOST_ENV, "").strip()
+    if told == "node":
+        _node_id, node_ip = _node()
+        return node_ip or "127.0.0.1"
+    return told or "127.0.0.1"
 
 
 def _was_restarted() -> bool:
