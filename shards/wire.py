@@ -50,6 +50,9 @@ MAX_FRAME = 512 * 1024 * 1024
 HANDSHAKE_MAX = 128
 #: Seconds a connection may take to complete its handshake.
 HANDSHAKE_TIMEOUT = 10.0
+#: once a frame's length has arrived, its body must follow within this many seconds, plus one
+#: second per MiB: a peer that stalls in the middle of a frame does not hold a connection forever
+FRAME_BODY_TIMEOUT = 30.0
 #: Bytes of each handshake nonce and of the cluster secret.
 NONCE_SIZE = 32
 SECRET_SIZE = 32
@@ -128,8 +131,11 @@ async def write_frame_async(writer: asyncio.StreamWriter, body: bytes) -> None:
     await writer.drain()
 
 
-async def read_frame_async(reader: asyncio.StreamReader, max_size: int = MAX_FRAME) -> bytes:
-    """Receive one frame's body (see :func:`read_frame`)."""
+async def read_frame_async(
+    reader: asyncio.StreamReader, max_size: int = MAX_FRAME, body_timeout: float | None = None
+) -> bytes:
+    """Receive one frame's body (see :func:`read_frame`); ``body_timeout``: seconds (plus one per
+    MiB) the body may take once its length has arrived, else :class:`WireError`."""
     try:
         (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     except asyncio.IncompleteReadError as exc:
@@ -139,9 +145,13 @@ async def read_frame_async(reader: asyncio.StreamReader, max_size: int = MAX_FRA
     if size > max_size:
         raise FrameTooLarge(f"peer announced a frame of {size} bytes (at most {max_size})")
     try:
-        return await reader.readexactly(size)
+        if body_timeout is None:
+            return await reader.readexactly(size)
+        return await asyncio.wait_for(reader.readexactly(size), body_timeout + size / (1 << 20))
     except asyncio.IncompleteReadError as exc:
         raise WireError(f"connection closed after {len(exc.partial)} of {exc.expected} bytes") from None
+    except asyncio.TimeoutError:
+        raise WireError(f"a frame of {size} bytes did not arrive in time (the peer stalled)") from None
 
 
 # -- the handshake (pure parts) ---------------------------------------------------------------------
@@ -309,7 +319,7 @@ class WireServer:
         try:
             await asyncio.wait_for(server_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)
             while True:
-                body = await read_frame_async(reader)
+                body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
                 packed, lane, resume = unpack_request(body)
                 await write_frame_async(writer, self.handler(packed, lane, resume))
         except ConnectionClosed:

@@ -287,6 +287,17 @@ def test_a_broken_frame_closes_only_its_connection(
         assert pickle.loads(fresh.call(pickle.dumps("new")))[1] == "'new'"
 
 
+def test_a_frame_that_stalls_midway_closes_its_connection(
+    server: WireServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wire, "FRAME_BODY_TIMEOUT", 0.2)
+    with ShardConnection(server.address, SECRET) as other, raw(server) as sock:
+        wire.client_handshake(sock, SECRET)
+        sock.sendall(struct.pack(">I", 100) + b"abc")  # a length, part of a body, then nothing
+        assert closed_by_peer(sock)
+        assert pickle.loads(other.call(pickle.dumps("still")))[1] == "'still'"
+
+
 def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
     server: WireServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
