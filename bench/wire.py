@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import pickle
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,19 +18,10 @@ import ray
 
 import shardstate
 from bench._common import percentile, report
+from bench.latency import timed
 from shardstate.cluster.slots import slot_of
 from shardstate.shards import commands as C
 from shardstate.shards.wire import ShardConnection
-
-
-def timed(fn: Callable[[], Any], n: int) -> list[float]:
-    """Latencies in microseconds of ``n`` sequential calls of ``fn``."""
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
