@@ -142,7 +142,7 @@ def _follow(
         link.check_open()
         view = link.current()
         got = False
-        refs = {s: view.shards[s].events_since.remote(cursors[s], 1000) for s in shards}
+        refs = {s: view.shards[s].events_since.remote(cursors[s], 1000, True) for s in shards}
         for shard, ref in refs.items():
             try:
                 records = ray.get(ref, timeout=link.timeout)

@@ -1,52 +1,67 @@
-"""Running a trigger's handler for a group's events: the Ray task, its watchdog, and dead letters.
+"""Running a trigger's handler for a group's events: in a warm runner, watched, with dead letters.
 
-A subscriber hands one (trigger, group) chunk of events to :func:`run_delivery`, which runs them in a
-:func:`deliver` task (a Ray streaming generator, never inside a shard). The task calls the handler
-for each event in order and retries one that raises with backoff; after the last attempt the event
-becomes a dead letter and the next one proceeds.
+A subscriber hands one (trigger, group) chunk of events to :func:`run_delivery`, which sends it to a
+runner (:mod:`shardstate.cluster.runners`: a long-lived Ray actor of that subscriber's, which keeps
+the handlers it unpickled) over the runner's own connection, never inside a shard. The runner calls
+the handler for each event in order (:func:`run_handlers`) and retries one that raises with
+backoff; after the last attempt the event becomes a dead letter and the next one proceeds.
 
-Each handler attempt has a time limit (the trigger's ``timeout``). The task reports where it is
-("about to start attempt ``a`` of event ``i``") at least every ``tick`` seconds, so following it costs
-about nothing while handlers are quick; the subscriber's watchdog cancels a task that stops
-reporting (``ray.cancel(..., force=True)`` kills a stuck worker) and starts it again from the last
-report, now reporting before every attempt, so the next timeout is charged to exactly the attempt
-that hung: a timed-out attempt counts as failed and follows the same retry / dead-letter policy.
+Each handler attempt has a time limit (the trigger's ``timeout``). The runner's watchdog thread
+knows when each attempt started: one that runs past the timeout is reported (``"timeout"``, with
+the attempt) and the subscriber kills that runner, the only way to stop a hung handler, and goes on
+with a fresh one; the attempt counts as failed and follows the retry / dead-letter policy. While a
+chunk runs, the watchdog also reports where it is every ``tick`` seconds. A runner that falls
+silent (its process frozen, or a handler holding the GIL) for ``timeout + tick + STALL_GRACE``
+seconds is killed too, and the rest of its chunk runs again from its last report on a fresh runner,
+now reporting before every attempt, so the next timeout is charged to exactly the attempt that
+hung. A runner that dies (a handler that kills its process) is replaced and the chunk goes on from
+its last report, :data:`TASK_ATTEMPTS` times at most.
+
+Messages from a runner, one per frame: ``(kind, index, attempt, dead letters since the last)``
+with ``kind`` ``"at"`` (about to run, or running, attempt ``attempt`` of ``events[index]``),
+``"timeout"`` (that attempt ran past the timeout), ``"done"`` (``index`` = the number of events),
+or ``"failed"`` (the chunk could not start, e.g. the handler does not unpickle; ``index`` 0).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import math
+import pickle
+import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import ray
 from ray.exceptions import GetTimeoutError
 
 from shardstate._models import StateEvent
+from shardstate.shards.records import Event
 from shardstate.shards.validation import MAX_NAME_BYTES
+
+if TYPE_CHECKING:
+    from shardstate.cluster.runners import RunnerPool
 
 HANDLER_ATTEMPTS = 4
 HANDLER_BACKOFF = 0.05
 #: seconds one handler attempt may take unless the trigger says otherwise
 DEFAULT_HANDLER_TIMEOUT = 60.0
-#: a delivery task that dies (its worker crashed, not its handler raising) is started again this often
+#: a chunk whose runner dies (its process crashed or was killed, not its handler raising) is
+#: started again this often
 TASK_ATTEMPTS = 5
-#: seconds a delivery task may take to start (a new worker process) before it counts as crashed
-START_TIMEOUT = 120.0
-#: a quick task reports only when done: with no report after ``timeout + tick + START_GRACE`` it
-#: is started again reporting before every attempt (which tells a slow start from a stuck handler)
-START_GRACE = 5.0
+#: a runner silent for ``timeout + tick + STALL_GRACE`` seconds while it runs a chunk is killed
+STALL_GRACE = 5.0
+#: a remote-function handler's own timeout (``ray.get``) fires this much before the runner's watchdog
+REMOTE_GRACE = 2.0
 #: a handler's error text is kept up to this many characters in a dead letter
 ERROR_CHARS = 2000
 
 
 def tick(timeout: float | None) -> float:
-    """How often (seconds) a task running handlers of this ``timeout`` reports while they are quick."""
+    """How often (seconds) a runner running handlers of this ``timeout`` reports while they run."""
     return 1.0 if timeout is None else min(1.0, timeout / 4)
 
 
@@ -60,45 +75,115 @@ def describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
-@ray.remote(num_cpus=0, max_retries=0)
-def deliver(
+def to_state_event(cluster: str, shard: int, event: Event) -> StateEvent:
+    """A log record (full form) as the public :class:`StateEvent` (values unpickled)."""
+    return StateEvent.model_construct(
+        event_type=event.kind,
+        group_id=event.group_id,
+        key=event.key,
+        old_value=_decode(event.old),
+        new_value=_decode(event.new),
+        seq=event.seq,
+        event_id=f"{cluster}/{shard}/{event.seq}",
+        shard=shard,
+        at=event.at,
+    )
+
+
+def _decode(data: bytes | None) -> Any:
+    if data is None:
+        return None
+    try:
+        return pickle.loads(data)
+    except Exception as exc:  # a class this process cannot import
+        return f"<undecodable value: {type(exc).__name__}: {exc}>"
+
+
+def handler_key(blob: bytes) -> str:
+    """The name a runner keeps an unpickled handler under (its pickled form's digest)."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+# -- inside a runner ------------------------------------------------------------------------------
+class Attempts:
+    """Where a runner's chunk is, shared by the thread running handlers and the runner's watchdog:
+    the attempt in progress (and when it started), and the dead letters not reported yet.
+
+    ``send(message)`` writes one message to the subscriber (called under this object's lock)."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None], every: float = 1.0) -> None:
+        self.send = send
+        #: seconds between reports while the chunk runs (see :func:`tick`)
+        self.tick = every
+        #: the chunk finished (its "done" was sent)
+        self.done = False
+        self.lock = threading.Condition()
+        #: ``(index, attempt, started at (monotonic), timeout)`` of the attempt running, or None
+        self.current: tuple[int, int, float, float | None] | None = None
+        self.letters: list[dict[str, Any]] = []
+        self.reported = time.monotonic()
+        #: set by the watchdog once it reported the running attempt as timed out: nothing more is
+        #: sent for this chunk (the subscriber kills the runner)
+        self.timed_out = False
+
+    def report(self, kind: str, index: int, attempt: int) -> None:
+        """Send one message with the letters so far (call with the lock held)."""
+        if self.timed_out:
+            return
+        letters, self.letters = self.letters, []
+        self.reported = time.monotonic()
+        self.send((kind, index, attempt, letters))
+
+    def begin(self, index: int, attempt: int, timeout: float | None, eager: bool) -> None:
+        """Attempt ``attempt`` of ``events[index]`` starts now (``eager``: report it first)."""
+        with self.lock:
+            if eager:
+                self.report("at", index, attempt)
+            self.current = (index, attempt, time.monotonic(), timeout)
+            self.lock.notify_all()
+
+    def dead(self, item: dict[str, Any]) -> None:
+        """An event became a dead letter."""
+        with self.lock:
+            self.letters.append(item)
+
+    def finish(self, count: int) -> None:
+        """The chunk's ``count`` events are done."""
+        with self.lock:
+            self.current = None
+            self.done = True
+            self.report("done", count, 0)
+            self.lock.notify_all()
+
+
+def run_handlers(
     name: str,
-    handler_blob: bytes,
+    handler: Any,
     events: Sequence[StateEvent],
     timeout: float | None,
-    first_attempt: int = 1,
-    eager: bool = False,
-) -> Iterator[tuple[int, int, list[dict[str, Any]]]]:
-    """Run one trigger's handler for a group's events, in order (a streaming generator).
+    first_attempt: int,
+    eager: bool,
+    attempts: Attempts,
+) -> None:
+    """Call ``handler`` for each event in order, retrying one that raises (the runner's job).
 
-    Yields ``(index, attempt, dead letters since the last yield)``: "about to start attempt
-    ``attempt`` of ``events[index]``", before an attempt whenever ``tick`` seconds passed since the
-    task started or last yielded (``eager``: before every attempt, the first one too); finally
-    ``(len(events), 0, letters)``. A quick task yields once: following it costs one object.
-    ``first_attempt`` is the attempt number of ``events[0]`` (a
-    restart after a timed-out attempt continues its count).
-    """
-    handler = cloudpickle.loads(handler_blob)
-    every = 0.0 if eager else tick(timeout)
-    last = -math.inf if eager else time.monotonic()  # quick tasks: no report before the first tick
-    letters: list[dict[str, Any]] = []
+    ``first_attempt`` is the attempt number of ``events[0]`` (a chunk started again after a
+    timed-out attempt continues its count)."""
+    watched = None if timeout is None or not hasattr(handler, "remote") else timeout + REMOTE_GRACE
     for index, event in enumerate(events):
         attempt = first_attempt if index == 0 else 1
         while True:
-            now = time.monotonic()
-            if now - last >= every:
-                yield index, attempt, letters
-                letters, last = [], now
+            attempts.begin(index, attempt, timeout if watched is None else watched, eager)
             try:
                 _call(handler, event, timeout)
                 break
             except Exception as exc:
                 if attempt >= HANDLER_ATTEMPTS:
-                    letters.append(letter(name, event, describe(exc), attempt))
+                    attempts.dead(letter(name, event, describe(exc), attempt))
                     break
                 time.sleep(HANDLER_BACKOFF * 2 ** (attempt - 1))
                 attempt += 1
-    yield len(events), 0, letters
+    attempts.finish(len(events))
 
 
 class HandlerTimeout(Exception):
@@ -117,61 +202,92 @@ def _call(handler: Any, event: StateEvent, timeout: float | None) -> None:
         raise HandlerTimeout(f"handler timed out after {timeout} s") from None
 
 
-async def run_delivery(
-    name: str, handler_blob: bytes, events: list[StateEvent], timeout: float | None
-) -> list[dict[str, Any]]:
-    """Deliver ``events`` (one trigger, one group, in order) through :func:`deliver` tasks.
+# -- in the subscriber ------------------------------------------------------------------------------
+class Chunk:
+    """One (trigger, group) chunk of events to deliver, in order (full-form records)."""
+
+    def __init__(
+        self,
+        name: str,
+        handler_blob: bytes,
+        key: str,
+        cluster: str,
+        shard: int,
+        records: list[Event],
+        timeout: float | None,
+    ) -> None:
+        self.name = name
+        self.handler_blob = handler_blob
+        self.key = key
+        self.cluster = cluster
+        self.shard = shard
+        self.records = records
+        self.timeout = timeout
+
+    def event(self, index: int) -> StateEvent:
+        """``records[index]`` as the handler sees it (for dead letters written here)."""
+        return to_state_event(self.cluster, self.shard, self.records[index])
+
+
+async def run_delivery(pool: RunnerPool, chunk: Chunk) -> list[dict[str, Any]]:
+    """Deliver ``chunk`` (one trigger, one group, in order) through the pool's runners.
 
     Returns the dead letters. Never raises for a handler's behaviour: a handler that raises, hangs
-    past ``timeout`` or kills its worker ends, after its attempts, as a dead letter.
+    past the timeout or kills its runner ends, after its attempts, as a dead letter.
     """
+    timeout, count = chunk.timeout, len(chunk.records)
     start, attempt, eager, crashes, failure = 0, 1, False, 0, ""
     letters: list[dict[str, Any]] = []
-    while start < len(events):
-        gen = deliver.remote(name, handler_blob, events[start:], timeout, attempt, eager)
-        at, att, reported = 0, attempt, False
+    while start < count:
+        runner = await pool.acquire()
+        at, att, healthy = 0, attempt, False
         try:
+            await runner.send_job(chunk, start, attempt, eager)
             while True:
-                if not reported:
-                    quiet = START_TIMEOUT
-                    if timeout is not None:
-                        quiet = min(quiet, timeout + tick(timeout) + START_GRACE)
-                    limit: float | None = START_TIMEOUT if eager else quiet
-                elif timeout is None:
-                    limit = None
+                if timeout is None:
+                    limit: float | None = None
                 else:
-                    limit = timeout if eager else timeout + tick(timeout)
-                ref = await asyncio.wait_for(gen.__anext__(), limit)
-                at, att, new = await ref
-                reported = True
+                    limit = timeout + (STALL_GRACE if eager else tick(timeout) + STALL_GRACE)
+                kind, index, number, new = await asyncio.wait_for(runner.receive(), limit)
+                if kind == "failed":  # e.g. the handler does not unpickle there
+                    failure = str(new)[-ERROR_CHARS:]
+                    runner.loaded.clear()
+                    break
+                at, att = index, number
                 letters.extend(new)
-                if at == len(events) - start:
+                if kind == "done":
+                    healthy = True
                     return letters
-        except asyncio.TimeoutError:
-            ray.cancel(gen, force=True)
+                if kind == "timeout":
+                    break
+        except asyncio.TimeoutError:  # silent: frozen, or a handler holding the GIL
+            kind = "silent"
+        except (ConnectionError, OSError, EOFError, asyncio.IncompleteReadError) as exc:
+            kind, failure = "died", describe(exc)[-ERROR_CHARS:]
+        finally:
+            if healthy or kind == "failed":
+                await pool.release(runner)
+            else:
+                await pool.discard(runner)
+        if kind == "timeout" or (kind == "silent" and eager):  # that attempt ran past the timeout
             start += at
-            if not reported and eager:
-                crashes += 1  # never started: counted like a crashed worker
-                failure = f"it did not start within {START_TIMEOUT} s"
-            elif not eager:  # slow to start, or stuck after the last report: find out exactly where
-                eager, attempt = True, att
-                continue
-            elif att >= HANDLER_ATTEMPTS:
-                letters.append(letter(name, events[start], f"handler timed out after {timeout} s", att))
+            if att >= HANDLER_ATTEMPTS:
+                error = f"handler timed out after {timeout} s"
+                letters.append(letter(chunk.name, chunk.event(start), error, att))
                 start, attempt = start + 1, 1
-                continue
             else:
                 attempt = att + 1
                 await asyncio.sleep(HANDLER_BACKOFF * 2 ** (att - 1))
-                continue
-        except Exception as exc:  # the task died (its worker crashed or was killed): again from the report
-            start += at
-            attempt = max(att, 1)
-            crashes += 1
-            failure = describe(exc)[-ERROR_CHARS:]
+            continue
+        if kind == "silent":  # find out exactly which attempt hangs: again from the last report
+            start, attempt, eager = start + at, att, True
+            continue
+        start += at  # died or could not start: again from the last report
+        attempt = max(att, 1)
+        crashes += 1
         if crashes >= TASK_ATTEMPTS:
-            error = f"delivery task failed {crashes} times; the last: {failure}"
-            letters.extend(letter(name, e, error, crashes) for e in events[start:])
+            error = f"delivery failed {crashes} times; the last: {failure}"
+            letters.extend(letter(chunk.name, chunk.event(i), error, crashes) for i in range(start, count))
             return letters
         await asyncio.sleep(0.1 * 2 ** (crashes - 1))
     return letters
@@ -221,3 +337,4 @@ def _repr(value: Any) -> str:
         return repr(value)
     except Exception as exc:
         return f"<repr failed: {type(exc).__name__}>"
+

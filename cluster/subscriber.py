@@ -1,22 +1,27 @@
 """Subscriber actors: deliver committed state events to trigger handlers, at least once, in order per group.
 
 Every shard writes an event for each committed change into its event log in the same transaction as
-the change (the outbox). A subscriber pulls each of its shards' logs in batches (woken by the shard
-after a commit, and every second anyway), runs the matching handlers as Ray tasks (never inside a
-shard; see :mod:`shardstate.cluster.delivery`), and acknowledges a batch to the shard only after all
-its handlers finished; the shard then drops the acknowledged events. A killed subscriber or shard
-resumes from the last acknowledgement, so an event can be delivered again (``event_id`` is stable)
-but is never lost.
+the change (the outbox). A subscriber follows each of its shards' events over the shard's own
+connection (a follow stream: the shard pushes every commit's events as soon as it is committed;
+see :mod:`shardstate.shards.followers`), runs the matching handlers in warm runner actors (never
+inside a shard; see :mod:`shardstate.cluster.runners` and :mod:`shardstate.cluster.delivery`),
+and acknowledges a batch to the shard only after all its handlers finished; the shard then drops
+the acknowledged events. The shard's log is read on start, after a gap (a dropped frame, a
+reconnection) and once a second when idle; a shard that cannot stream (or before the subscriber
+connected) pushes by a Ray call instead. A killed subscriber or shard resumes from the last
+acknowledgement, so an event can be delivered again (``event_id`` is stable) but is never lost.
 
 Order: a group lives on one shard and a shard's batches are handled one after another; inside a batch
-one task per (trigger, group) calls the handler for that group's events in commit order, so a handler
-sees each group's events in order while different groups run in parallel. A handler that raises or
-runs past its trigger's timeout is retried with backoff; after the last attempt the event is recorded
-as a dead letter (always storable: see :func:`_record_dead`) and the next one proceeds.
+one chunk per (trigger, group) calls the handler for that group's events in commit order, so a
+handler sees each group's events in order while different groups run in parallel. A handler that
+raises or runs past its trigger's timeout is retried with backoff; after the last attempt the event
+is recorded as a dead letter (always storable: see :func:`_record_dead`) and the next one proceeds.
 
-Bounds: at most :data:`MAX_IN_FLIGHT` delivery tasks run at once per subscriber, and the events
-shards push are kept in memory up to :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` per shard; pushes
-beyond that are dropped and the pump reads those events from the shard's log when it gets to them.
+Bounds: at most :data:`MAX_IN_FLIGHT` chunks run at once per subscriber (each in its own runner),
+and the events shards push are kept in memory up to :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` per
+shard; beyond that the subscriber stops reading the shard's stream, the shard drops what it would
+send (its buffer per stream is bounded too) and the pump reads those events from the shard's log
+when it gets to them.
 
 Trigger state: the subscriber records in the cluster metadata whether any trigger is registered
 (before telling the shards), so a shard that restarts knows whether to keep its events durably.
@@ -27,9 +32,11 @@ subscriber loaded it are not delivered to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -48,13 +55,26 @@ from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.delivery import (
     DEFAULT_HANDLER_TIMEOUT,
     HANDLER_ATTEMPTS,
+    Chunk,
     describe,
+    handler_key,
     letter,
     letter_key,
     letter_value,
     run_delivery,
+    to_state_event,
 )
+from shardstate.cluster.runners import RunnerPool
+from shardstate.shards.event_forms import Resolver, Unresolved
+from shardstate.shards.followers import SUBSCRIBER, FollowSpec, frame_of
 from shardstate.shards.records import Event
+from shardstate.shards.wire import (
+    HANDSHAKE_TIMEOUT,
+    client_handshake_async,
+    pack_follow,
+    read_frame_async,
+    write_frame_async,
+)
 
 #: system groups (kept out of user triggers)
 SYSTEM_PREFIX = "__shardstate:"
@@ -65,35 +85,14 @@ BATCH = 1000
 TRIGGER_RELOAD = 5.0
 #: handled events are acknowledged to their shard at most this often while events keep coming
 ACK_EVERY = 0.05
-#: delivery tasks (one per trigger and group of a batch) running at once, per subscriber
+#: delivery chunks (one per trigger and group of a batch) running at once, per subscriber: also
+#: the most runners it starts
 MAX_IN_FLIGHT = 32
 #: pushed events kept in memory per shard (count, and bytes of their values); the rest is read later
 INBOX_EVENTS = 10_000
 INBOX_BYTES = 64 * 1024 * 1024
-
-
-def to_state_event(cluster: str, shard: int, event: Event) -> StateEvent:
-    """A log record as the public :class:`StateEvent` (values unpickled)."""
-    return StateEvent(
-        event_type=event.kind,  # type: ignore[arg-type]
-        group_id=event.group_id,
-        key=event.key,
-        old_value=_decode(event.old),
-        new_value=_decode(event.new),
-        seq=event.seq,
-        event_id=f"{cluster}/{shard}/{event.seq}",
-        shard=shard,
-        at=event.at,
-    )
-
-
-def _decode(data: bytes | None) -> Any:
-    if data is None:
-        return None
-    try:
-        return pickle.loads(data)
-    except Exception as exc:  # a class this process cannot import
-        return f"<undecodable value: {type(exc).__name__}: {exc}>"
+#: seconds between attempts to (re)open a shard's follow stream, at most
+STREAM_RETRY = 2.0
 
 
 def matches(spec: dict[str, Any], event: StateEvent) -> bool:
@@ -102,6 +101,14 @@ def matches(spec: dict[str, Any], event: StateEvent) -> bool:
         return False
     group, key = spec.get("group_id"), spec.get("key")
     return (group is None or group == event.group_id) and (key is None or key == event.key)
+
+
+def record_matches(spec: dict[str, Any], record: Event) -> bool:
+    """:func:`matches` for a log record (checked before unpickling anything)."""
+    if record.group_id.startswith(SYSTEM_PREFIX):
+        return False
+    group, key = spec.get("group_id"), spec.get("key")
+    return (group is None or group == record.group_id) and (key is None or key == record.key)
 
 
 def _selected(specs: list[dict[str, Any]], record: Event) -> bool:
@@ -167,6 +174,17 @@ class SubscriberActor:
         self.in_flight = 0
         self.in_flight_peak = 0
         self._starting: asyncio.Lock | None = None
+        #: per shard: its follow stream (task), whether it is open, and the values it sent (refs)
+        self.feeds: dict[int, asyncio.Task[None]] = {}
+        self.streaming: dict[int, bool] = {}
+        self.stream_gaps = 0
+        self._resolvers: dict[int, Resolver] = {}
+        #: per shard: set when its inbox has room again (the stream reads on)
+        self._room: dict[int, asyncio.Event] = {}
+        self._secret: bytes | None = None
+        #: per trigger: its handler's pickled form and the name runners keep it under
+        self._handler_keys: dict[str, tuple[bytes, str]] = {}
+        self.runners = RunnerPool(self.config.name, MAX_IN_FLIGHT)
         threading.Thread(target=self._start_soon, daemon=True).start()
 
     def _start_soon(self) -> None:
@@ -201,39 +219,61 @@ class SubscriberActor:
                 except BaseException:
                     self.state = None  # the next call tries again
                     raise
+        loop = asyncio.get_running_loop()
         for shard in self.shard_ids:
+            self.wake.setdefault(shard, asyncio.Event())
             task = self.pumps.get(shard)
             if task is None or task.done():
-                self.wake.setdefault(shard, asyncio.Event())
-                self.pumps[shard] = asyncio.get_running_loop().create_task(self._pump(shard))
+                self.pumps[shard] = loop.create_task(self._pump(shard))
+            feed = self.feeds.get(shard)
+            if feed is None or feed.done():
+                self.feeds[shard] = loop.create_task(self._feed(shard))
         return len(self.shard_ids)
 
     async def notify(self, shard: int, seq: int, events: list[Event] | bytes | None = None) -> None:
-        """A shard committed events up to ``seq`` (and pushed them along, maybe pickled): wake its pump.
+        """A shard committed events up to ``seq`` and pushed them by a Ray call (it has no stream
+        to this subscriber yet; compact and self-contained, maybe pickled): wake its pump.
 
-        The pushed events are kept for the pump while the shard's inbox has room; past
-        :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` a push is dropped (the pump reads the shard's log
-        for it instead), and nothing is kept while no trigger listens.
+        The pushed events are kept for the pump while the shard's inbox has room (see
+        :meth:`_accept`), and nothing is kept while no trigger listens.
         """
         await self.ensure_running()
+        if isinstance(events, bytes):
+            events = pickle.loads(events) if self.triggers else None
+        self._accept(shard, seq, events or [], Resolver(limit=None))
+
+    def _accept(self, shard: int, seq: int, events: list[Event], resolver: Resolver) -> None:
+        """Keep pushed events (compact) for the pump, in full form, while the shard's inbox has
+        room: past :data:`INBOX_EVENTS` / :data:`INBOX_BYTES` the rest is dropped (the pump reads
+        the shard's log for them instead). Wakes the pump."""
         self._notified[shard] = max(self._notified.get(shard, 0), seq)
-        box = self.inbox.setdefault(shard, [])
-        used = self._inbox_bytes.get(shard, 0)
         if events and self.triggers:
-            full = len(box) >= INBOX_EVENTS or used >= INBOX_BYTES
-            if not full and isinstance(events, bytes):
-                full = used + len(events) > INBOX_BYTES
-                events = None if full else pickle.loads(events)
-            if not full and events:
-                size = sum(_size(e) for e in events)  # type: ignore[union-attr]
-                full = len(box) + len(events) > INBOX_EVENTS or used + size > INBOX_BYTES
-                if not full:
-                    box.extend(events)  # type: ignore[arg-type]
-                    self._inbox_bytes[shard] = used + size
-                    self.inbox_peak = max(self.inbox_peak, len(box))
-            if full:
-                self.pushes_dropped += 1
+            box = self.inbox.setdefault(shard, [])
+            used = self._inbox_bytes.get(shard, 0)
+            stream = self._resolvers.setdefault(shard, Resolver())
+            room, dropped = True, False
+            for event in events:
+                try:
+                    full = resolver.resolve(event)
+                except Unresolved:  # refers to a version we do not have: the log has it whole
+                    dropped = True
+                    break
+                if resolver is not stream:
+                    stream.remember((full.group_id, full.key), full.seq, full.new)
+                size = _size(full)
+                room = room and len(box) < INBOX_EVENTS and used + size <= INBOX_BYTES
+                if room:
+                    box.append(full)
+                    used += size
+                else:
+                    dropped = True
+            self._inbox_bytes[shard] = used
+            self.inbox_peak = max(self.inbox_peak, len(box))
+            self.pushes_dropped += dropped
         self.wake.setdefault(shard, asyncio.Event()).set()
+
+    def _has_room(self, shard: int) -> bool:
+        return len(self.inbox.get(shard, ())) < INBOX_EVENTS and self._inbox_bytes.get(shard, 0) < INBOX_BYTES
 
     def _from_inbox(self, shard: int, cursor: int) -> list[Event] | None:
         """Pushed events right after ``cursor`` ([] if none arrived); None if some are missing."""
@@ -242,6 +282,8 @@ class SubscriberActor:
             inbox = [e for e in inbox if e.seq > cursor]
             self.inbox[shard] = inbox
             self._inbox_bytes[shard] = sum(_size(e) for e in inbox)
+            if self._has_room(shard):
+                self._room.setdefault(shard, asyncio.Event()).set()
         if not inbox:
             return []
         if inbox[0].seq != cursor + 1:
@@ -256,6 +298,71 @@ class SubscriberActor:
     def _empty_inbox(self, shard: int) -> None:
         self.inbox[shard] = []
         self._inbox_bytes[shard] = 0
+        self._room.setdefault(shard, asyncio.Event()).set()
+
+    # -- the follow streams ---------------------------------------------------------------------
+    async def _feed(self, shard: int) -> None:
+        """Follow shard ``shard``'s durable events over its own connection, into its inbox.
+
+        Reads a frame only while the inbox has room (so a slow delivery makes the shard drop what
+        it would send, and the pump reads the log). Opens the stream again after any failure (a
+        restarted shard has a new address); the pump notices what it missed by the seqs.
+        """
+        delay = 0.1
+        while True:
+            writer: asyncio.StreamWriter | None = None
+            try:
+                reader, writer = await self._open_stream(shard)
+                ready = frame_of(await asyncio.wait_for(read_frame_async(reader), HANDSHAKE_TIMEOUT))
+                mark = ready[1]
+                self.streaming[shard] = True
+                delay = 0.1
+                resolver = self._resolvers.setdefault(shard, Resolver())
+                room = self._room.setdefault(shard, asyncio.Event())
+                while True:
+                    while not self._has_room(shard):
+                        room.clear()
+                        await room.wait()
+                    _kind, after, last, events = frame_of(await read_frame_async(reader))
+                    if after != mark:  # the shard dropped a frame (we fell behind): the pump reads the log
+                        self.stream_gaps += 1
+                    mark = last
+                    self._accept(shard, last, events, resolver)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # no address yet, a restart, a closed stream: open it again
+                pass
+            finally:
+                self.streaming[shard] = False
+                if writer is not None:
+                    with contextlib.suppress(Exception):
+                        writer.close()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STREAM_RETRY)
+
+    async def _open_stream(self, shard: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        handle: Any = self._handles.get(shard)
+        if handle is None:
+            name = self.config.shard_name(shard)
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+        address = await asyncio.wait_for(handle.address.remote(), 10.0)
+        if address is None:
+            raise ConnectionError(f"shard {shard} has no connection (yet)")
+        if self._secret is None:
+            self._secret = await asyncio.to_thread(metadata.secret, self.config.name)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(address[0], int(address[1]), limit=1 << 20), HANDSHAKE_TIMEOUT
+        )
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(client_handshake_async(reader, writer, self._secret), HANDSHAKE_TIMEOUT)
+            await write_frame_async(writer, pack_follow(FollowSpec(SUBSCRIBER).to_bytes()))
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer
 
     async def reload_triggers(self) -> int:
         """Re-read the durable trigger registry; returns how many triggers are registered.
@@ -284,6 +391,8 @@ class SubscriberActor:
             await asyncio.to_thread(metadata.set_triggers_active, self.config.name, active)
             self._active_recorded = active
         await asyncio.gather(*(self._tell_shard(shard) for shard in self.shard_ids))
+        if active:
+            await self.runners.keep_warm()
         return len(self.triggers)
 
     async def _heads(self) -> dict[int, int]:
@@ -338,6 +447,9 @@ class SubscriberActor:
             "inbox_peak": self.inbox_peak,
             "inbox_limit": INBOX_EVENTS,
             "pushes_dropped": self.pushes_dropped,
+            "streaming": sorted(s for s, up in self.streaming.items() if up),
+            "stream_gaps": self.stream_gaps,
+            **self.runners.stats(),
         }
 
     # -- the pump -----------------------------------------------------------------------------
@@ -377,13 +489,13 @@ class SubscriberActor:
                     head, cursor, _oldest = await handle.event_state.remote()
                     acked = cursor
                     self._forget_floors_above(shard, head)
-                    events = await handle.events_since.remote(cursor, BATCH)
+                    events = await self._pull(shard, handle, cursor)
                 else:
                     if floor is not None and cursor < floor:
                         cursor = acked = floor  # the shard acknowledged these itself: for nobody
                     events = self._from_inbox(shard, cursor)
                     if events is None or (not events and self._notified.get(shard, 0) > cursor):
-                        events = await handle.events_since.remote(cursor, BATCH)
+                        events = await self._pull(shard, handle, cursor)
                         if not events:  # nothing there after all (the shard's seq restarted)
                             self._notified[shard] = cursor
                 if time.monotonic() - self._reloaded > TRIGGER_RELOAD:
@@ -405,7 +517,7 @@ class SubscriberActor:
                 try:
                     await asyncio.wait_for(wake.wait(), 1.0)
                 except asyncio.TimeoutError:  # nothing pushed for a second: read the log anyway
-                    pulled = await handle.events_since.remote(cursor, BATCH)
+                    pulled = await handle.events_since.remote(cursor, 1)
                     if pulled:
                         self._notified[shard] = max(self._notified.get(shard, 0), pulled[-1].seq)
             except (RayActorError, ValueError):  # the shard is restarting (or not up yet)
@@ -419,6 +531,18 @@ class SubscriberActor:
                 cursor = None
                 self._empty_inbox(shard)
                 await asyncio.sleep(0.5)
+
+    async def _pull(self, shard: int, handle: Any, cursor: int) -> list[Event]:
+        """The shard's logged events after ``cursor`` (a batch), in full form."""
+        compact = await handle.events_since.remote(cursor, BATCH)
+        stream = self._resolvers.setdefault(shard, Resolver())
+        try:
+            events = Resolver(limit=None).resolve_all(compact)
+        except Unresolved:  # an update's new value cannot be computed here: ask for it whole
+            events = await handle.events_since.remote(cursor, BATCH, True)
+        for event in events:
+            stream.remember((event.group_id, event.key), event.seq, event.new)
+        return events  # type: ignore[no-any-return]
 
     def _forget_floors_above(self, shard: int, head: int) -> None:
         """A shard whose log ends below a floor started its seq again (memory durability): drop it."""
@@ -436,26 +560,44 @@ class SubscriberActor:
         if any(r.group_id == TRIGGERS_GROUP for r in records):
             await self.reload_triggers()
         specs = list(self.triggers.values())
-        # unpickle only what some trigger's filters select (writes nobody listens to cost nothing here)
-        events = [to_state_event(self.config.name, shard, r) for r in records if _selected(specs, r)]
-        if events:
+        # only what some trigger's filters select is looked at (writes nobody listens to cost nothing)
+        selected = [r for r in records if _selected(specs, r)]
+        if selected:
+            decoded: dict[int, StateEvent] = {}  # unpickled once, for the conditions that need it
             jobs = []
             dead: list[dict[str, Any]] = []
             for name, spec in list(self.triggers.items()):
                 floor = self._floors.get(name, {}).get(shard, 0)
                 condition = self._condition(name, spec)
-                per_group: dict[str, list[StateEvent]] = {}
-                for event in events:
-                    if event.seq <= floor or not matches(spec, event):
+                per_group: dict[str, list[Event]] = {}
+                for record in selected:
+                    if record.seq <= floor or not record_matches(spec, record):
                         continue
-                    if self._holds(name, condition, event, dead):
-                        per_group.setdefault(event.group_id, []).append(event)
+                    if condition is not None:
+                        event = decoded.get(record.seq)
+                        if event is None:
+                            event = decoded[record.seq] = to_state_event(self.config.name, shard, record)
+                        if not self._holds(name, condition, event, dead):
+                            continue
+                    per_group.setdefault(record.group_id, []).append(record)
+                if not per_group:
+                    continue
+                blob, key = self._handler_of(name, spec)
+                timeout = handler_timeout(spec)
                 for chunk in per_group.values():
-                    jobs.append(self._run(name, spec, chunk))
+                    jobs.append(self._run(Chunk(name, blob, key, self.config.name, shard, chunk, timeout)))
             for letters in await asyncio.gather(*jobs):
                 dead.extend(letters)
             await self._record_dead(dead)
         self._passed(shard, records[-1].seq)
+
+    def _handler_of(self, name: str, spec: dict[str, Any]) -> tuple[bytes, str]:
+        """A trigger's pickled handler and the name runners keep it under (computed once)."""
+        blob = spec["handler"]
+        cached = self._handler_keys.get(name)
+        if cached is None or cached[0] is not blob:
+            cached = self._handler_keys[name] = (blob, handler_key(blob))
+        return cached
 
     def _condition(self, name: str, spec: dict[str, Any]) -> Any:
         blob = spec.get("condition")
@@ -478,18 +620,18 @@ class SubscriberActor:
                     dead.append(letter(name, event, "condition raised " + describe(exc), attempt))
         return False
 
-    async def _run(self, name: str, spec: dict[str, Any], events: list[StateEvent]) -> list[dict[str, Any]]:
-        """One (trigger, group) chunk, through at most MAX_IN_FLIGHT delivery tasks at a time."""
+    async def _run(self, chunk: Chunk) -> list[dict[str, Any]]:
+        """One (trigger, group) chunk, at most MAX_IN_FLIGHT at a time (each in a runner)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         async with self._slots:
             self.in_flight += 1
             self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
             try:
-                dead = await run_delivery(name, spec["handler"], events, handler_timeout(spec))
+                dead = await run_delivery(self.runners, chunk)
             finally:
                 self.in_flight -= 1
-        self.delivered += len(events)
+        self.delivered += len(chunk.records)
         return dead
 
     async def _record_dead(self, dead: list[dict[str, Any]]) -> None:
@@ -522,5 +664,7 @@ class SubscriberActor:
             self.dead += 1
 
 
-#: The Ray actor class (async: one pump per shard, handler tasks awaited concurrently).
+__all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "SubscriberActor", "matches", "to_state_event"]
+
+#: The Ray actor class (async: one pump and one stream per shard, chunks awaited concurrently).
 subscriber_actor_class = ray.remote(num_cpus=0, max_restarts=-1)(SubscriberActor)

@@ -42,17 +42,21 @@ from shardstate.cluster.config import NAMESPACE
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.commands import WRITES, Result
 from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
+from shardstate.shards.event_forms import ship_batch
+from shardstate.shards.followers import SUBSCRIBER, EventFollower, FollowSpec, ready_frame
 from shardstate.shards.records import Event
 from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
-from shardstate.shards.wire import MAX_FRAME, WireServer
+from shardstate.shards.wire import MAX_FRAME, FollowStream, WireServer
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
 #: The largest packed batch a shard unpickles (clients split theirs far below this).
 MAX_FRAME_BYTES = MAX_FRAME
-#: Seconds the notifier waits after a commit before pushing its events to the subscriber.
+#: Seconds between the Ray-call pushes to a subscriber that follows no stream of this shard.
 NOTIFY_DELAY = 0.01
+#: Follow streams a shard serves at once (subscribers and watchers); more are refused.
+MAX_FOLLOWERS = 256
 #: Seconds ``__init__`` waits for the background load (a small shard answers its first call loaded)
 INIT_GRACE = 1.0
 #: A memory shard's event seqs start at ``incarnation << SEQ_BITS`` (unique across restarts).
@@ -101,8 +105,18 @@ class ShardActor:
         self.commands = 0
         self.subscriber_name = subscriber_name or f"{cluster}:subscriber:0"
         self._subscriber: Any = None
-        self._outbox: list[Event] = []
+        #: committed events not yet handed to followers: per commit (durable events, every event)
+        self._outbox: list[tuple[list[Event], list[Event]]] = []
+        #: durable events for the subscriber over a Ray call (while it follows no stream of ours)
+        self._ray_outbox: list[Event] = []
         self._outbox_lock = threading.Lock()
+        #: set after a commit that queued events: wakes the notifier
+        self._outbox_ready = threading.Event()
+        self._ray_ready = threading.Event()
+        #: the last seq queued in the outbox (where a new follow stream starts)
+        self._outbox_head = 0
+        self._followers: list[EventFollower] = []
+        self.pushes_dropped = 0
         #: the one-engine invariant (module docstring): held by every use of the engine
         self._engine_lock = threading.Lock()
         #: the shard's own connection (started once loaded, in a cluster that has a secret)
@@ -162,9 +176,11 @@ class ShardActor:
             self.phase = FAILED
             print(f"shardstate shard {self.index}: cannot load: {self.load_error}", file=sys.stderr)
             return
+        self._outbox_head = self.engine.seq
+        threading.Thread(target=self._notifier, daemon=True, name=f"shard-{self.index}-notify").start()
+        threading.Thread(target=self._ray_pusher, daemon=True, name=f"shard-{self.index}-push").start()
         if self.cluster_id is not None:
             self._start_wire()
-        threading.Thread(target=self._notifier, daemon=True).start()
         if self.sweep_interval > 0:
             threading.Thread(target=self._sweeper, args=(self.sweep_interval,), daemon=True).start()
 
@@ -180,9 +196,10 @@ class ShardActor:
     def serve_wire(self, secret: bytes, host: str) -> tuple[str, int]:
         """Start the shard's connection on ``host`` with ``secret`` (once); return its address.
 
-        Every request runs :meth:`run`, under the same engine lock as the Ray calls."""
+        Every request runs :meth:`run`, under the same engine lock as the Ray calls; a follow
+        request opens a stream of events (:meth:`_follow`)."""
         if self._wire is None:
-            self._wire = WireServer(host, secret, self.run)
+            self._wire = WireServer(host, secret, self.run, follow=self._follow)
         return self._wire.address
 
     def address(self) -> tuple[str, int] | None:
@@ -267,7 +284,7 @@ class ShardActor:
 
     # -- committing, and a failing storage ----------------------------------------------------
     def _commit(self) -> bool:
-        """Commit what the engine changed, then push the new events to the subscriber.
+        """Commit what the engine changed, then hand the new events to the notifier.
 
         Returns False if storage failed (the shard is then read-only; see :meth:`_storage_failed`)
         or is failing (changes stay pending in the engine until a probe commit works).
@@ -282,8 +299,9 @@ class ShardActor:
         except Exception as exc:
             self._storage_failed(exc)
             return False
-        if changes.events:
-            self._notify(changes.events)
+        fresh = self.engine.take_events()
+        if fresh:
+            self._notify(changes.events, fresh)
         return True
 
     def _storage_failed(self, exc: BaseException) -> None:
@@ -402,43 +420,92 @@ class ShardActor:
         return pickle.dumps(self.execute(batch, lane, resume), protocol=pickle.HIGHEST_PROTOCOL)
 
     # -- events -------------------------------------------------------------------------------
-    def _notify(self, events: list[Event]) -> None:
-        """Queue newly committed events for the notifier thread (off the batch's critical path)."""
+    def _notify(self, durable: list[Event], fresh: list[Event]) -> None:
+        """Queue newly committed events and wake the notifier (after the commit; it costs the
+        batch an append and a wake-up, not the push itself)."""
         with self._outbox_lock:
-            self._outbox.extend(events)
+            self._outbox.append((durable, fresh))
+            self._outbox_head = fresh[-1].seq
+        self._outbox_ready.set()
 
     def _notifier(self) -> None:
-        """Push queued events to this shard's subscriber, one push at a time.
+        """Hand queued events to every follow stream, woken by each commit that queued some.
 
-        Each push waits until the subscriber has taken the previous one, and whatever committed
-        meanwhile goes in the next: a quiet shard pushes each batch at once, a busy one pushes many
-        batches per call instead of one call per batch. A push that is lost (no subscriber yet, a
-        subscriber restart) costs only latency: the subscriber reads the shard's log for any gap.
+        Whatever commits while a round is sent goes in the next one, so a busy shard sends many
+        commits per frame. Durable events go to the subscriber's stream; while it has none (not
+        connected yet, restarting, or the cluster has no streams) they go by a Ray call instead.
         """
         while True:
-            time.sleep(NOTIFY_DELAY)  # polls: a commit wakes no thread, so its answer leaves first
+            self._outbox_ready.wait()
+            self._outbox_ready.clear()
             with self._outbox_lock:
-                events, self._outbox = self._outbox, []
+                rounds, self._outbox = self._outbox, []
+                followers = list(self._followers)
+            if not rounds:
+                continue
+            durable = [e for events, _ in rounds for e in events]
+            every = [e for _, events in rounds for e in events]
+            streamed = False
+            for follower in followers:
+                if follower.gone:
+                    continue
+                subscriber = follower.spec.kind == SUBSCRIBER
+                if not follower.push(durable if subscriber else every):
+                    self.pushes_dropped += 1
+                streamed = streamed or subscriber
+            if durable and not streamed:
+                with self._outbox_lock:
+                    self._ray_outbox.extend(durable)
+                self._ray_ready.set()
+
+    def _ray_pusher(self) -> None:
+        """Push durable events to this shard's subscriber by Ray calls, one push at a time, while it
+        follows no stream of this shard. A push that is lost (no subscriber yet, a subscriber
+        restart) costs only latency: the subscriber reads the shard's log for any gap."""
+        while True:
+            self._ray_ready.wait()
+            time.sleep(NOTIFY_DELAY)  # what commits meanwhile goes in the same push
+            self._ray_ready.clear()
+            with self._outbox_lock:
+                events, self._ray_outbox = self._ray_outbox, []
             if not events:
                 continue
             try:
                 if self._subscriber is None:
                     self._subscriber = ray.get_actor(self.subscriber_name, namespace=NAMESPACE)
-                packed = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL)
+                packed = pickle.dumps(ship_batch(events), protocol=pickle.HIGHEST_PROTOCOL)
                 ray.get(self._subscriber.notify.remote(self.index, events[-1].seq, packed), timeout=10)
             except Exception:  # no subscriber (yet), or the actor is going away: it polls on start
                 self._subscriber = None
                 time.sleep(0.05)
 
+    def _follow(self, raw_spec: bytes, stream: FollowStream) -> _Following:
+        """Open a follow stream (on the wire server's loop): events committed from now on."""
+        spec = FollowSpec.from_bytes(raw_spec)
+        with self._outbox_lock:
+            live = [f for f in self._followers if not f.gone]
+            if len(live) >= MAX_FOLLOWERS:
+                raise ConnectionRefusedError(f"shard {self.index} serves {MAX_FOLLOWERS} follow streams")
+            follower = EventFollower(spec, stream.send, start=self._outbox_head)
+            stream.send(ready_frame(follower.start))  # before any frame the notifier sends it
+            self._followers = [*live, follower]
+        return _Following(self, follower)
+
+    def _unfollow(self, follower: EventFollower) -> None:
+        follower.gone = True
+        with self._outbox_lock:
+            self._followers = [f for f in self._followers if f is not follower]
+
     def _require_ready(self) -> None:
         if self.phase != READY:
             raise self._not_ready()
 
-    def events_since(self, after: int, limit: int = 1000) -> list[Event]:
-        """Committed events with ``seq > after`` (at most ``limit``), in order."""
+    def events_since(self, after: int, limit: int = 1000, full: bool = False) -> list[Event]:
+        """Committed events with ``seq > after`` (at most ``limit``), in order: compact and
+        self-contained (``full``: every value inline; see ``ShardEngine.events_since``)."""
         self._require_ready()
         with self._engine_lock:
-            return self.engine.events_since(after, limit)
+            return self.engine.events_since(after, limit, bool(full))
 
     def event_state(self) -> tuple[int, int, int]:
         """``(last seq, last acknowledged seq, oldest seq still in memory)`` of the event log."""
@@ -523,11 +590,27 @@ class ShardActor:
             "commands": self.commands,
             "address": self.address(),
             "wire_error": self.wire_error,
+            "followers": [f.spec.kind for f in self._followers],
+            "pushes_dropped": self.pushes_dropped,
         }
 
     def ping(self) -> int:
         """Liveness check: returns this shard's index."""
         return self.index
+
+
+class _Following:
+    """A follow stream's follower as the wire server sees it (frames from the peer are ignored)."""
+
+    def __init__(self, shard: ShardActor, follower: EventFollower) -> None:
+        self._shard = shard
+        self._follower = follower
+
+    def received(self, body: bytes) -> None:
+        return None
+
+    def closed(self) -> None:
+        self._shard._unfollow(self._follower)
 
 
 def _is_write(cmd: Any) -> bool:

@@ -34,6 +34,7 @@ import cloudpickle
 
 from shardstate._errors import ConflictError, Deferred, InvalidInput, StaleShardMap, StateError, UpdateError
 from shardstate.shards import commands as C
+from shardstate.shards.event_forms import VALUE_REF_MIN, delta_ops, ship_batch
 from shardstate.shards.records import Changes, Entry, Event, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
 from shardstate.shards.update_ops import NOT_JSON, apply_ops
@@ -122,7 +123,12 @@ class ShardEngine:
         self.events: deque[Event] = deque()
         self.seq = 0
         self.acked_seq = 0
+        #: bytes of values the log holds, each bytes object counted once (see :meth:`_log`)
         self._event_bytes = 0
+        #: seq of an event -> seq of the next event of its key that refers to it (``Event.base``)
+        self._successor: dict[int, int] = {}
+        #: every event since the last :meth:`take_events` (durable or not: for the notifier)
+        self._fresh: list[Event] = []
         #: False while no trigger listens: events then go to the in-memory log only (for watchers)
         #: and count as acknowledged at once, so storage writes and pushes none of them
         self.durable_events = True
@@ -166,8 +172,8 @@ class ShardEngine:
         heapq.heapify(self._expiry)
         # versions are seqs; files from before that rule counted versions per key
         self.seq, self.acked_seq = max(loaded.seq, top), loaded.acked_seq
-        self.events.extend(loaded.events)
-        self._event_bytes = sum(_event_size(e) for e in loaded.events)
+        for event in loaded.events:
+            self._log(event)
         for scoped, created_at in loaded.op_ids:
             table = self.auto_ops if _op_id_of(scoped).startswith(AUTO_OP_PREFIX) else self.ops
             table[scoped] = (created_at, None, _STORED)
@@ -230,22 +236,50 @@ class ShardEngine:
         changes, self._changes = self._changes, Changes()
         return changes
 
-    def events_since(self, after: int, limit: int = 1000) -> list[Event]:
-        """Up to ``limit`` events with ``seq > after``, in order (from the in-memory log)."""
+    def take_events(self) -> list[Event]:
+        """Every event emitted since the last call, durable or not, in order (full form)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
+
+    def events_since(self, after: int, limit: int = 1000, full: bool = False) -> list[Event]:
+        """Up to ``limit`` events with ``seq > after``, in order (from the in-memory log).
+
+        Compact and self-contained (see :mod:`shardstate.shards.event_forms`): a large old value is
+        left out only when the event that wrote it is earlier in the answer. ``full``: every value
+        inline (for a reader that cannot compute an update's new value itself)."""
         log = self.events
         if not log or after >= log[-1].seq:
             return []
         start = max(0, after + 1 - log[0].seq)
-        return list(itertools.islice(log, start, start + limit))
+        events = list(itertools.islice(log, start, start + limit))
+        return events if full else ship_batch(events)
 
     def ack(self, seq: int) -> int:
-        """The subscribers handled every event up to ``seq``: let storage drop them; keep a tail."""
+        """The subscribers handled every event up to ``seq``: let storage drop them; keep a tail.
+
+        A kept event whose stored old value refers to an event dropped now gets that value written
+        into its own row (``Changes.rebased``), so what storage keeps always reads back whole."""
         seq = min(seq, self.seq)
         if seq > self.acked_seq:
+            self._rebase(self.acked_seq, seq)
             self.acked_seq = seq
             self._changes.acked_seq = seq
         self._trim()
         return self.acked_seq
+
+    def _rebase(self, before: int, upto: int) -> None:
+        """Events after ``upto`` whose stored old value is a reference into ``(before, upto]``."""
+        successor, log = self._successor, self.events
+        if not successor or not log:
+            return
+        first = log[0].seq
+        for seq in range(max(before + 1, first), upto + 1):
+            nxt = successor.get(seq)
+            if nxt is None or nxt <= upto:
+                continue
+            event = log[nxt - first]
+            if event.old is not None and len(event.old) >= VALUE_REF_MIN:
+                self._changes.rebased.append((nxt, event.old))
 
     def set_durable_events(self, durable: bool) -> int:
         """Make events durable (outbox) or memory-only; returns the last seq handed out so far.
@@ -265,13 +299,56 @@ class ShardEngine:
             and log[0].seq <= self.acked_seq
             and (len(log) > RECENT_EVENTS or self._event_bytes > RECENT_EVENT_BYTES)
         ):
-            self._event_bytes -= _event_size(log.popleft())
+            event = log.popleft()
+            self._event_bytes -= _event_size(event, event.old)
+            nxt = self._successor.pop(event.seq, None)
+            if nxt is not None and log and log[nxt - log[0].seq].old is event.new:
+                self._event_bytes += len(event.new or b"")  # the next event now holds it alone
 
-    def _emit(self, kind: str, group_id: str, key: str, old: bytes | None, new: bytes | None) -> None:
+    def _log(self, event: Event) -> None:
+        """Append ``event`` to the in-memory log, linking it to the event its old value comes from.
+
+        Values are counted once: an old value that is the very bytes object of an event still in
+        the log is that event's, until it is trimmed (then it is counted for the event that keeps
+        it)."""
+        log, shared = self.events, None
+        base = event.base
+        if base and log and log[0].seq <= base <= log[-1].seq:
+            prev = log[base - log[0].seq]
+            if prev.group_id == event.group_id and prev.key == event.key:
+                self._successor[base] = event.seq
+                shared = prev.new
+        log.append(event)
+        self._event_bytes += _event_size(event, None if event.old is shared else event.old)
+
+    def _base_of(self, group_id: str, key: str, current: Entry | None) -> int:
+        """The seq of the event still in the log that wrote ``current`` (the key's value), or 0."""
+        log = self.events
+        if current is None or not log:
+            return 0
+        first, seq = log[0].seq, current.version  # versions are seqs (older files: a count per key)
+        if not first <= seq <= log[-1].seq:
+            return 0
+        prev = log[seq - first]
+        if prev.group_id != group_id or prev.key != key:
+            return 0
+        return seq if prev.new is current.data or prev.new == current.data else 0
+
+    def _emit(
+        self,
+        kind: str,
+        group_id: str,
+        key: str,
+        current: Entry | None,
+        new: bytes | None,
+        ops: bytes | None = None,
+    ) -> None:
+        old = None if current is None else current.data
+        base = self._base_of(group_id, key, current)
         self.seq += 1
-        event = Event(self.seq, kind, group_id, key, old, new, self._now)
-        self.events.append(event)
-        self._event_bytes += _event_size(event)
+        event = Event(self.seq, kind, group_id, key, old, new, self._now, base, ops)
+        self._log(event)
+        self._fresh.append(event)
         if self.durable_events:
             self._changes.events.append(event)
         else:  # nobody listens: acknowledged as it happens (storage keeps only the seq)
@@ -399,7 +476,7 @@ class ShardEngine:
             if entry is not None and entry.expires_at == expires_at:
                 self.store.delete(group_id, key)
                 self._changes.delete(group_id, key)
-                self._emit(DELETED, group_id, key, entry.data, None)
+                self._emit(DELETED, group_id, key, entry, None)
                 count += 1
         return count
 
@@ -453,18 +530,21 @@ class ShardEngine:
         return self._now + ttl
 
     def _write(
-        self, group_id: str, key: str, data: bytes, current: Entry | None, expires_at: float | None
+        self,
+        group_id: str,
+        key: str,
+        data: bytes,
+        current: Entry | None,
+        expires_at: float | None,
+        ops: Any = None,
     ) -> None:
+        """Store ``data`` under the key and emit its event (``ops``: the update's ops, kept with a
+        large value instead of it where they are much smaller)."""
         entry = Entry(data, self.seq + 1, self._now, expires_at)  # its version: the seq _emit gives
         self.store.put(group_id, key, entry)
         self._changes.put(group_id, key, entry, created=current is None)
-        self._emit(
-            CREATED if current is None else UPDATED,
-            group_id,
-            key,
-            None if current is None else current.data,
-            data,
-        )
+        kept_ops = None if ops is None else delta_ops(data, ops)
+        self._emit(CREATED if current is None else UPDATED, group_id, key, current, data, kept_ops)
         if expires_at is not None or self._deadlines:
             self._set_deadline(group_id, key, expires_at)
 
@@ -498,7 +578,7 @@ class ShardEngine:
         self.store.delete(group_id, key)
         self._deadlines.pop((group_id, key), None)
         self._changes.delete(group_id, key)
-        self._emit(DELETED, group_id, key, current.data, None)
+        self._emit(DELETED, group_id, key, current, None)
         return current.data
 
     def _list(self, group_id: str, _key: Any, start: Any, _opts: dict[str, Any]) -> Any:
@@ -539,7 +619,7 @@ class ShardEngine:
         if held:
             self._changes.clear(group_id)
         for key, entry in removed:
-            self._emit(DELETED, group_id, key, entry.data, None)
+            self._emit(DELETED, group_id, key, entry, None)
         return len(removed)
 
     def _groups(self, _group: Any, _key: Any, _arg: Any, opts: dict[str, Any]) -> list[str]:
@@ -566,7 +646,7 @@ class ShardEngine:
         new = check_size(canonical_dumps(new_value), self.max_value_size)
         self._decoded[(group_id, key)] = (new, new_value)
         self._decoded_bytes += len(new)
-        self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True))
+        self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True), ops)
         old = None if current is None or returning in ("new", "none") else current.data
         return (old, new if returning in ("both", "new") else None)
 
@@ -631,8 +711,9 @@ _FORGOTTEN = _Forgotten()
 _STORED: Any = object()  # an op result that is in storage, not in memory
 
 
-def _event_size(event: Event) -> int:
-    return len(event.old or b"") + len(event.new or b"") + 100
+def _event_size(event: Event, old: bytes | None) -> int:
+    """What an event holds in memory, counting ``old`` (None: its old value is counted elsewhere)."""
+    return len(old or b"") + len(event.new or b"") + len(event.ops or b"") + 100
 
 
 def _answer_size(payload: Any) -> int:

@@ -29,6 +29,13 @@ class Event(NamedTuple):
 
     ``kind`` is ``"state:created" | "state:updated" | "state:deleted"``; ``old``/``new`` are the
     pickled values (None where there is none); ``seq`` grows by one per event on this shard.
+
+    Values are kept once (see :mod:`shardstate.shards.event_forms`): ``base`` is the seq of the
+    event that wrote ``old`` (the key's previous version; 0: none or unknown) and ``ops`` the
+    pickled update ops that turned ``old`` into ``new`` (None: not an update, or not worth it). In
+    memory an event holds both values (``old`` is the very bytes object of the event ``base``, not
+    a copy); stored and sent, it may leave ``old`` out (read it from event ``base``) and ``new``
+    (apply ``ops`` to ``old``): its *compact* form.
     """
 
     seq: int
@@ -38,6 +45,8 @@ class Event(NamedTuple):
     old: bytes | None
     new: bytes | None
     at: float
+    base: int = 0
+    ops: bytes | None = None
 
 
 @dataclass
@@ -57,6 +66,9 @@ class Changes:
     events: list[Event] = field(default_factory=list)
     #: the subscribers acknowledged every event up to this seq: storage may drop them
     acked_seq: int | None = None
+    #: ``(seq, old value)`` of kept events whose stored old value referred to an event dropped now
+    #: (by ``acked_seq``): storage writes the value into their row before it drops the other
+    rebased: list[tuple[int, bytes]] = field(default_factory=list)
 
     def put(self, group_id: str, key: str, entry: Entry, created: bool) -> None:
         """Record that ``key`` now holds ``entry`` (``created``: it did not exist before this write).

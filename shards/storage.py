@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
 from shardstate._errors import StateError
+from shardstate.shards.event_forms import Resolver, Unresolved, compact
 from shardstate.shards.records import Changes, Event, Loaded
 
 DURABILITY_LEVELS = ("fsync", "os", "memory")
@@ -109,6 +111,9 @@ CREATE TABLE IF NOT EXISTS events (
     at REAL NOT NULL
 );
 """
+#: columns added to the events table by later versions (values kept once: Event.base, Event.ops);
+#: a file without them gets them when opened
+_EVENT_COLUMNS = (("base", "INTEGER"), ("ops", "BLOB"))
 _UPSERT = (
     "INSERT INTO entries (grp, key, data, version, updated_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (grp, key) DO UPDATE SET data = excluded.data, version = excluded.version, "
@@ -153,9 +158,19 @@ class SqliteStorage:
             if check:
                 self.check()
             self.db.executescript(_SCHEMA)
+            self._add_event_columns()
             self.db.execute("INSERT OR IGNORE INTO meta (k, v) VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            row = self.db.execute("SELECT v FROM meta WHERE k = 'acked_seq'").fetchone()
+            #: the acknowledgement storage holds: rows above it are kept (an event may refer to them)
+            self.acked = 0 if row is None else int(row[0])
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"shard database {self.path} is unreadable (corrupt?): {exc}") from None
+
+    def _add_event_columns(self) -> None:
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(events)")}
+        for name, kind in _EVENT_COLUMNS:
+            if name not in have:
+                self.db.execute(f"ALTER TABLE events ADD COLUMN {name} {kind}")
 
     def load(self) -> Loaded:
         entries = self.db.execute(
@@ -164,10 +179,12 @@ class SqliteStorage:
         op_ids = self.db.execute("SELECT op_id, created_at FROM ops ORDER BY created_at").fetchall()
         meta = dict(self.db.execute("SELECT k, v FROM meta WHERE k IN ('seq', 'acked_seq')").fetchall())
         acked = int(meta.get("acked_seq", 0))
+        self.acked = acked
         rows = self.db.execute(
-            "SELECT seq, kind, grp, key, old, new, at FROM events WHERE seq > ? ORDER BY seq", (acked,)
+            "SELECT seq, kind, grp, key, old, new, at, base, ops FROM events WHERE seq > ? ORDER BY seq",
+            (acked,),
         )
-        events = [Event(*row) for row in rows]
+        events = _read_events(rows, self.path)
         # the last seq handed out: the newest stored event, or the acknowledgement that dropped it
         # (files written before this rule also kept it as 'seq')
         seq = max(int(meta.get("seq", 0)), acked, events[-1].seq if events else 0)
@@ -282,7 +299,10 @@ class SqliteStorage:
             if changes.op_records:
                 db.executemany("INSERT OR REPLACE INTO ops VALUES (?, ?, ?)", changes.op_records)
             if changes.events:
-                db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", changes.events)
+                db.executemany(_INSERT_EVENT, list(_event_rows(changes.events, self.acked)))
+            if changes.rebased:  # before the rows they referred to go
+                rows = [(old, seq) for seq, old in changes.rebased]
+                db.executemany("UPDATE events SET old = ? WHERE seq = ?", rows)
             if changes.acked_seq is not None:
                 db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
                 db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
@@ -291,9 +311,44 @@ class SqliteStorage:
             if db.in_transaction:  # SQLite already rolled back on some errors (SQLITE_FULL)
                 db.execute("ROLLBACK")
             raise
+        if changes.acked_seq is not None:
+            self.acked = max(self.acked, changes.acked_seq)
+
+    def event_bytes(self) -> int:
+        """Bytes of values the stored event log holds (old, new and ops of every row)."""
+        row = self.db.execute(
+            "SELECT coalesce(sum(length(old)), 0) + coalesce(sum(length(new)), 0) "
+            "+ coalesce(sum(length(ops)), 0) FROM events"
+        ).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         self.db.close()
+
+
+_INSERT_EVENT = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+def _event_rows(events: list[Event], acked: int) -> Iterator[Event]:
+    """Events as stored: compact (a large old value refers to the kept row of the event that wrote
+    it, a large update's new value is its ops; see :mod:`shardstate.shards.event_forms`)."""
+    for event in events:
+        yield compact(event, event.base > acked)
+
+
+def _read_events(rows: Iterator[tuple[object, ...]], path: Path) -> list[Event]:
+    """Stored rows (in seq order) back in full form: each value once in memory (an old value read
+    by reference is the very bytes object of the event it refers to)."""
+    resolver, events = Resolver(limit=None), []
+    for row in rows:
+        seq, kind, grp, key, old, new, at, base, ops = row
+        event = Event(seq, kind, grp, key, old, new, at, base or 0, ops)  # type: ignore[arg-type]
+        try:
+            events.append(resolver.resolve(event))
+        except Unresolved as exc:  # not written by this shardstate: keep the event, say what is missing
+            print(f"shardstate: {path}: event {seq} cannot be read back whole: {exc}", file=sys.stderr)
+            events.append(event._replace(ops=None))
+    return events
 
 
 def _upsert_rows(changes: Changes) -> Iterator[tuple[object, ...]]:

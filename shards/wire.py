@@ -27,6 +27,13 @@ Requests after the handshake (client -> shard), one frame each, answered in orde
 and the answer frame's body is exactly the bytes ``ShardActor.run`` returns. A request whose
 header does not parse closes the connection; a packed batch that does not unpickle is answered by
 the shard with an error result, as on the Ray path.
+
+Follow streams (state events pushed to a subscriber or a watcher): a request whose header is
+exactly ``flags = 4 (follow), lane length 0`` turns its connection into a one-way stream. Its body
+(after the header) is the follower's spec, handed to the server's ``follow`` callback, which
+pushes frames with :meth:`FollowStream.send` (from any thread) until the connection closes; what
+the peer sends afterwards is handed to the callback's follower too. A server without a ``follow``
+callback closes such a connection.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 #: The largest frame body a peer may announce after the handshake (a client splits its batches
 #: far below this); a larger announcement closes the connection before its body is read.
@@ -63,11 +70,32 @@ FAILURE = b"#FAILURE#"
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BH")
-_RESUME, _LANE = 1, 2
+_RESUME, _LANE, _FOLLOW = 1, 2, 4
+#: the header of a follow request (flags = follow, no lane)
+FOLLOW_HEADER = _HEADER.pack(_FOLLOW, 0)
+#: bytes a follow stream may hold unsent (queued or in the transport's buffer) before the shard
+#: drops what it would push next (the follower notices the gap and reads the shard's log)
+FOLLOW_BUFFER = 8 * 1024 * 1024
 _DIGEST_SIZE = hashlib.sha256().digest_size
 
 #: A shard's handler: ``(packed batch, lane, resume) -> packed results`` (``ShardActor.run``).
 Handler = Callable[[bytes, "str | None", bool], bytes]
+
+
+class Follower(Protocol):
+    """What a server's ``follow`` callback returns for one follow stream."""
+
+    def received(self, body: bytes) -> None:
+        """A frame the peer sent on the stream (called on the server's loop)."""
+        ...
+
+    def closed(self) -> None:
+        """The stream's connection closed (called once, on the server's loop)."""
+        ...
+
+
+#: ``(spec, stream) -> Follower``: starts pushing frames to ``stream`` (raise to refuse: closes it)
+FollowHandler = Callable[[bytes, "FollowStream"], Follower]
 
 
 class WireError(ConnectionError):
@@ -243,6 +271,11 @@ async def server_handshake_async(
 
 
 # -- requests ---------------------------------------------------------------------------------------
+def pack_follow(spec: bytes) -> bytes:
+    """A follow request's body: the follow header and the follower's spec."""
+    return FOLLOW_HEADER + spec
+
+
 def pack_request(packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
     """A request frame's body: the small header (flags, lane) and the packed batch."""
     raw = b"" if lane is None else lane.encode()
@@ -266,18 +299,92 @@ def unpack_request(body: bytes) -> tuple[bytes, str | None, bool]:
 
 
 # -- the server (inside the shard) ------------------------------------------------------------------
+class FollowStream:
+    """The sending side of a follow stream, inside the server: :meth:`send` from any thread.
+
+    A frame :meth:`send` accepts is written whole and in order; one that would take the unsent
+    bytes (queued, or in the transport's buffer) past ``limit`` is refused (``False``) unless
+    nothing is unsent: the caller then tells its follower about the gap.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter, limit: int) -> None:
+        self._loop = loop
+        self._writer = writer
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._queued = 0  # accepted by send(), not yet handed to the transport
+        self._buffered = 0  # in the transport's buffer when last looked (on the loop)
+        self._draining = False
+        self.is_closed = False
+        #: frames refused for being too far behind
+        self.refused = 0
+
+    def send(self, body: bytes) -> bool:
+        """Queue one frame; False (nothing queued) if the stream is closed or too far behind."""
+        size = _LENGTH.size + len(body)
+        with self._lock:
+            if self.is_closed:
+                return False
+            pending = self._queued + self._buffered
+            if pending and pending + size > self.limit:
+                self.refused += 1
+                return False
+            self._queued += size
+        try:
+            self._loop.call_soon_threadsafe(self._write, body, size)
+        except RuntimeError:  # the loop is gone: the server closed
+            self.is_closed = True
+            return False
+        return True
+
+    def _write(self, body: bytes, size: int) -> None:
+        with self._lock:
+            self._queued -= size
+        if self.is_closed or self._writer.is_closing():
+            return
+        self._writer.write(_LENGTH.pack(len(body)) + body if len(body) < 65536 else _LENGTH.pack(len(body)))
+        if len(body) >= 65536:
+            self._writer.write(body)
+        self._buffered = self._writer.transport.get_write_buffer_size()
+        if self._buffered and not self._draining:
+            self._draining = True
+            self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Follow the transport's buffer down (what :meth:`send` compares with its limit)."""
+        try:
+            while self._buffered and not self.is_closed:
+                await self._writer.drain()
+                self._buffered = self._writer.transport.get_write_buffer_size()
+                if self._buffered:
+                    await asyncio.sleep(0.001)
+        except (ConnectionError, OSError, RuntimeError):
+            self.is_closed = True
+        finally:
+            self._draining = False
+
+
 class WireServer:
     """An asyncio server on a daemon thread: authenticates each connection, then answers its
     request frames in order with ``handler`` (called on the loop's thread, one request at a time
-    per server; the handler itself serializes with the shard's other callers).
+    per server; the handler itself serializes with the shard's other callers). With ``follow``,
+    a connection may instead become a follow stream (see the module docstring).
 
     A connection that fails the handshake, sends a truncated, oversized or malformed frame, or
     goes away is closed; the server and every other connection carry on.
     """
 
-    def __init__(self, host: str, secret: bytes, handler: Handler, port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str,
+        secret: bytes,
+        handler: Handler,
+        port: int = 0,
+        follow: FollowHandler | None = None,
+    ) -> None:
         self.secret = secret
         self.handler = handler
+        self.follow = follow
         self.connections = 0  # currently open, authenticated or not
         self.refused = 0  # connections closed for failing the handshake or breaking the protocol
         self._loop = asyncio.new_event_loop()
@@ -320,6 +427,9 @@ class WireServer:
             await asyncio.wait_for(server_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)
             while True:
                 body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
+                if body.startswith(FOLLOW_HEADER):
+                    await self._follow_stream(body[len(FOLLOW_HEADER) :], reader, writer)
+                    return
                 packed, lane, resume = unpack_request(body)
                 await write_frame_async(writer, self.handler(packed, lane, resume))
         except ConnectionClosed:
@@ -334,6 +444,22 @@ class WireServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _follow_stream(
+        self, spec: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Serve one follow stream until its connection closes."""
+        if self.follow is None:
+            raise WireError("this server has no follow streams")
+        stream = FollowStream(asyncio.get_running_loop(), writer, FOLLOW_BUFFER)
+        follower = self.follow(spec, stream)
+        try:
+            while True:
+                body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
+                follower.received(body)
+        finally:
+            stream.is_closed = True
+            follower.closed()
 
     def close(self) -> None:
         """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
