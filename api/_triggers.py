@@ -2,26 +2,25 @@
 
 A trigger is stored durably in the cluster's own state (the system group ``__shardstate:triggers``),
 so it survives restarts until ``remove_trigger``; the subscriber actors run it. ``watch`` and
-``wait_until`` read the shards' event logs (what the subscribers deliver from), from the moment
-they start.
+``wait_until`` follow the events the shards push over their own connections (what the
+subscribers are pushed too), from the moment they start (:mod:`shardstate._watch`).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
-import ray
 
 from shardstate._errors import InvalidInput, StateError
 from shardstate._models import DeadLetter, StateEvent, TriggerInfo
 from shardstate._requests import delete_request, set_request
+from shardstate._watch import follow_events
 from shardstate.cluster.delivery import DEFAULT_HANDLER_TIMEOUT
 from shardstate.cluster.slots import slot_of
-from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP, to_state_event
+from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP
 from shardstate.shards.validation import check_name
 
 if TYPE_CHECKING:
@@ -110,53 +109,22 @@ def dead_letter(value: dict[str, Any]) -> DeadLetter:
     return DeadLetter(**{**value, "event": StateEvent(**value["event"])})
 
 
-def _heads(state: StateClient, shards: list[int]) -> dict[int, int]:
-    view = state._link.current()
-    states = ray.get([view.shards[s].event_state.remote() for s in shards], timeout=state._link.timeout)
-    return {s: st[0] for s, st in zip(shards, states, strict=True)}
-
-
 def watch(
     state: StateClient, group_id: str | None = None, *, poll: float = POLL, timeout: float | None = None
 ) -> Generator[StateEvent, None, None]:
     """Live events (of ``group_id``, or all user groups) committed from now on, in order per shard.
 
-    The starting point is taken at once (before this returns); the iterator then ends after
+    The starting point is taken at once (before this returns): each followed shard pushes its
+    events over its own connection from then on (see :mod:`shardstate._watch`; ``poll``: seconds
+    between log reads of a shard that cannot be reached that way). The iterator then ends after
     ``timeout`` seconds if given, else runs until closed.
     """
     if group_id is not None:
         check_name(group_id, "group_id")
-    view = state._link.current()
-    shards = [view.owners[slot_of(group_id)]] if group_id is not None else list(range(len(view.shards)))
-    cursors = _heads(state, shards)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    return _follow(state, group_id, cursors, poll, deadline)
-
-
-def _follow(
-    state: StateClient, group_id: str | None, cursors: dict[int, int], poll: float, deadline: float | None
-) -> Generator[StateEvent, None, None]:
     link = state._link
-    shards = list(cursors)
-    while deadline is None or time.monotonic() < deadline:
-        link.check_open()
-        view = link.current()
-        got = False
-        refs = {s: view.shards[s].events_since.remote(cursors[s], 1000, True) for s in shards}
-        for shard, ref in refs.items():
-            try:
-                records = ray.get(ref, timeout=link.timeout)
-            except ray.exceptions.RayActorError:
-                continue  # restarting: the log is durable, read again later
-            for record in records:
-                cursors[shard] = record.seq
-                got = True
-                if group_id is None or record.group_id == group_id:
-                    if record.group_id.startswith("__shardstate:") and group_id is None:
-                        continue
-                    yield to_state_event(link.cluster, shard, record)
-        if not got:
-            time.sleep(poll)
+    view = link.current()
+    shards = [view.owners[slot_of(group_id)]] if group_id is not None else list(range(len(view.shards)))
+    return follow_events(link, group_id, shards, poll, timeout)
 
 
 def wait_until(

@@ -139,8 +139,10 @@ class Attempts:
         with self.lock:
             if eager:
                 self.report("at", index, attempt)
+            first = self.current is None
             self.current = (index, attempt, time.monotonic(), timeout)
-            self.lock.notify_all()
+            if first:  # later attempts only move the deadline out: the watchdog finds it when it wakes
+                self.lock.notify_all()
 
     def dead(self, item: dict[str, Any]) -> None:
         """An event became a dead letter."""
@@ -173,6 +175,8 @@ def run_handlers(
     for index, event in enumerate(events):
         attempt = first_attempt if index == 0 else 1
         while True:
+            if attempts.timed_out:  # a hung attempt came back after all: the chunk goes on elsewhere
+                return
             attempts.begin(index, attempt, timeout if watched is None else watched, eager)
             try:
                 _call(handler, event, timeout)

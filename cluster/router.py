@@ -46,8 +46,14 @@ from shardstate.shards.actor import SWEEP_INTERVAL, shard_actor_class
 from shardstate.shards.storage import StorageError
 
 MANIFEST = "cluster.json"
-#: subscriber actors per cluster (each follows every SUBSCRIBERS-th shard)
-SUBSCRIBERS = 1
+#: subscriber actors per cluster, at most (each follows every n-th shard; see subscriber_count)
+SUBSCRIBERS = int(os.environ.get("SHARDSTATE_SUBSCRIBERS", "2"))
+
+
+def subscriber_count(shards: int) -> int:
+    """How many subscriber actors a cluster of ``shards`` shards runs: one per shard up to
+    :data:`SUBSCRIBERS` (a subscriber's one event loop is what limits delivery first)."""
+    return max(1, min(shards, SUBSCRIBERS))
 #: seconds ``ready()`` waits for the shards to finish loading before it answers anyway (a shard
 #: still loading then answers "loading, N%" and clients wait for it)
 READY_WAIT = 5.0
@@ -99,8 +105,8 @@ class RouterActor:
                 namespace=NAMESPACE,
                 lifetime="detached",
                 get_if_exists=True,
-            ).remote(self.config.to_dict(), i, SUBSCRIBERS)
-            for i in range(SUBSCRIBERS)
+            ).remote(self.config.to_dict(), i, subscriber_count(self.config.shards))
+            for i in range(subscriber_count(self.config.shards))
         ]
 
     def _shard(self, index: int, migrated: dict[str, Any] | None) -> Any:
@@ -134,7 +140,7 @@ class RouterActor:
             migrated is not None,  # a cluster of an older shardstate: every shard had a file
             cfg.op_retention,
             SWEEP_INTERVAL,
-            cfg.subscriber_name(index % SUBSCRIBERS),
+            cfg.subscriber_name(index % subscriber_count(cfg.shards)),
             self.cluster_id,
         )
 

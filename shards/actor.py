@@ -450,8 +450,13 @@ class ShardActor:
                 if follower.gone:
                     continue
                 subscriber = follower.spec.kind == SUBSCRIBER
-                if not follower.push(durable if subscriber else every):
-                    self.pushes_dropped += 1
+                try:
+                    if not follower.push(durable if subscriber else every):
+                        self.pushes_dropped += 1
+                except Exception as exc:  # a follower that cannot be sent to is dropped, not the shard
+                    print(f"shardstate shard {self.index}: dropping a follower: {exc!r}", file=sys.stderr)
+                    self._unfollow(follower)
+                    continue
                 streamed = streamed or subscriber
             if durable and not streamed:
                 with self._outbox_lock:

@@ -1,0 +1,279 @@
+"""``watch()``: live events pushed by the shards over their own connections (a follow stream each).
+
+A watcher opens one follow stream per shard it follows (the shard that owns its group, or every
+shard), on the shard's authenticated connection (:mod:`shardstate.shards.wire`); the shard pushes
+the events it commits from then on, right after each commit (see
+:mod:`shardstate.shards.followers`). The first frame names the seq the stream starts after: that is
+the watcher's starting point, taken before ``watch()`` returns.
+
+A frame the shard had to drop (the watcher fell behind by more than the shard buffers for it), a
+stream that broke (the shard restarted: it is opened again) or a value the watcher cannot
+reconstruct is filled in from the shard's in-memory log (a Ray call), so a watcher sees every event
+of its shards in order, as long as the shard still keeps it (the last 10,000 acknowledged events).
+A shard whose connection cannot be reached (``transport="ray"`` clients, another node's port
+closed) is polled instead, as before.
+
+:class:`ShardFollow` is the per-shard bookkeeping without I/O; :class:`SyncWatcher` drives it with
+blocking sockets and a selector (the async client runs it in a thread).
+"""
+
+from __future__ import annotations
+
+import selectors
+import time
+from collections.abc import Generator, Iterable
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from shardstate._models import StateEvent
+from shardstate.cluster.delivery import to_state_event
+from shardstate.shards.event_forms import Resolver, Unresolved
+from shardstate.shards.followers import SYSTEM_PREFIX, WATCHER, FollowSpec, frame_of
+from shardstate.shards.records import Event
+from shardstate.shards.wire import ShardConnection, WireError, pack_follow, read_frame, write_frame
+
+if TYPE_CHECKING:
+    from shardstate._client import ClusterLink
+
+#: events read from a shard's log per call (gaps, polling)
+LOG_BATCH = 1000
+#: seconds between attempts to open a broken stream again
+REOPEN_EVERY = 0.2
+#: seconds a watcher waits for a shard's address or stream
+OPEN_TIMEOUT = 10.0
+
+
+class ShardFollow:
+    """What a watcher has taken from one shard: everything up to ``mark`` is accounted for.
+
+    Frames and log reads go through here; it yields the wanted events (``group_id``, or every user
+    group) once each, in seq order, and says when the log must be read to fill a gap.
+    """
+
+    def __init__(self, cluster: str, shard: int, group_id: str | None) -> None:
+        self.cluster = cluster
+        self.shard = shard
+        self.group_id = group_id
+        self.mark: int | None = None
+        self.resolver = Resolver()
+
+    def wants(self, event: Event) -> bool:
+        """Whether the watcher is given ``event``."""
+        if self.group_id is not None:
+            return event.group_id == self.group_id
+        return not event.group_id.startswith(SYSTEM_PREFIX)
+
+    def start(self, head: int) -> int | None:
+        """The stream (re)opened after ``head``: returns the seq the log must be read up to (the
+        events between the watcher's mark and ``head``), or None. A first start sets the mark."""
+        if self.mark is None:
+            self.mark = head
+            return None
+        return head if head > self.mark else None
+
+    def gap_before(self, after: int, events: list[Event]) -> int | None:
+        """A frame sent after ``after``: the seq the log must be read up to first, or None."""
+        assert self.mark is not None
+        if after == self.mark or not events or events[0].seq <= self.mark + 1:
+            return None
+        return events[0].seq - 1
+
+    def take_frame(self, last: int, events: list[Event]) -> tuple[list[StateEvent], int | None]:
+        """The wanted events of a frame; and, if one of its values cannot be reconstructed here,
+        the seq the log must be read up to for the rest of it (else None)."""
+        assert self.mark is not None
+        out: list[StateEvent] = []
+        for event in events:
+            if event.seq <= self.mark:
+                continue
+            try:
+                full = self.resolver.resolve(event)
+            except Unresolved:
+                return out, last
+            self.mark = event.seq
+            if self.wants(full):
+                out.append(to_state_event(self.cluster, self.shard, full))
+        self.mark = max(self.mark, last)
+        return out, None
+
+    def take_log(self, events: list[Event], upto: int | None) -> tuple[list[StateEvent], bool]:
+        """The wanted events of a log read (full form) up to ``upto`` (None: all); and whether
+        the gap is filled (the read reached ``upto``, or the log has nothing more)."""
+        assert self.mark is not None
+        out: list[StateEvent] = []
+        for event in events:
+            if upto is not None and event.seq > upto:
+                self.mark = max(self.mark, upto)
+                return out, True
+            if event.seq <= self.mark:
+                continue
+            self.mark = event.seq
+            self.resolver.remember((event.group_id, event.key), event.seq, event.new)
+            if self.wants(event):
+                out.append(to_state_event(self.cluster, self.shard, event))
+        if not events:
+            if upto is not None:
+                self.mark = max(self.mark, upto)
+            return out, True
+        return out, upto is not None and self.mark >= upto
+
+
+class _Shard:
+    """One followed shard in a sync watcher: its stream (or polling), and its bookkeeping."""
+
+    def __init__(self, follow: ShardFollow, handle: Any) -> None:
+        self.follow = follow
+        self.handle = handle
+        self.conn: ShardConnection | None = None
+        self.polling = False
+        self.reopen_at = 0.0
+        self.poll_at = 0.0
+
+
+class SyncWatcher:
+    """Follows shards' events for one ``watch()`` call with blocking sockets (see module docstring)."""
+
+    def __init__(self, link: ClusterLink, group_id: str | None, shards: Iterable[int], poll: float) -> None:
+        self.link = link
+        self.group_id = group_id
+        self.poll = poll
+        self.spec = FollowSpec(WATCHER, group_id).to_bytes()
+        self.selector = selectors.DefaultSelector()
+        view = link.current()
+        self.shards = [_Shard(ShardFollow(link.cluster, s, group_id), view.shards[s]) for s in shards]
+        self.secret: bytes | None = None
+        #: gaps to fill from the log before the next frame: (shard, up to seq)
+        self._pending_fill: list[tuple[_Shard, int]] = []
+        if getattr(link, "transport", "socket") != "ray":
+            try:
+                self.secret = ray.get(link.router.wire_secret.remote(), timeout=link.timeout)
+            except Exception:  # an older router, or no secret: poll
+                self.secret = None
+        try:
+            for shard in self.shards:  # the starting point of each shard, before watch() returns
+                if not self._open(shard):
+                    shard.polling = True
+                    head = ray.get(shard.handle.event_state.remote(), timeout=link.timeout)[0]
+                    shard.follow.start(head)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, shard: _Shard) -> bool:
+        """Open the shard's stream; False if it has none or it cannot be reached."""
+        if self.secret is None:
+            return False
+        try:
+            address = ray.get(shard.handle.address.remote(), timeout=OPEN_TIMEOUT)
+            if address is None:
+                return False
+            conn = ShardConnection((address[0], int(address[1])), self.secret, timeout=OPEN_TIMEOUT)
+        except Exception:
+            return False
+        try:
+            write_frame(conn.sock, pack_follow(self.spec))
+            kind, head = frame_of(read_frame(conn.sock))[:2]
+        except Exception:
+            conn.close()
+            return False
+        conn.sock.settimeout(30.0)  # a frame that has begun arrives whole
+        shard.conn = conn
+        self.selector.register(conn.sock, selectors.EVENT_READ, shard)
+        upto = shard.follow.start(head)
+        if upto is not None:
+            self._pending_fill.append((shard, upto))
+        return True
+
+    def _broken(self, shard: _Shard) -> None:
+        if shard.conn is not None:
+            self.selector.unregister(shard.conn.sock)
+            shard.conn.close()
+            shard.conn = None
+        shard.reopen_at = time.monotonic() + REOPEN_EVERY
+
+    def _log(self, shard: _Shard, upto: int | None) -> Generator[StateEvent, None, None]:
+        """Read the shard's log from the mark (up to ``upto``; None: what there is now)."""
+        while True:
+            self.link.check_open()
+            try:
+                ref = shard.handle.events_since.remote(shard.follow.mark, LOG_BATCH, True)
+                events = ray.get(ref, timeout=self.link.timeout)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return  # restarting: its stream (or the next poll) tells us where it is
+            out, done = shard.follow.take_log(events, upto)
+            yield from out
+            if done or upto is None and len(events) < LOG_BATCH:
+                return
+
+    def _frame(self, shard: _Shard) -> Generator[StateEvent, None, None]:
+        assert shard.conn is not None
+        try:
+            frame = frame_of(read_frame(shard.conn.sock))
+        except (WireError, OSError, ValueError):
+            self._broken(shard)
+            return
+        _kind, after, last, events = frame
+        upto = shard.follow.gap_before(after, events)
+        if upto is not None:
+            yield from self._log(shard, upto)
+        out, rest = shard.follow.take_frame(last, events)
+        yield from out
+        if rest is not None:
+            yield from self._log(shard, rest)
+
+    def events(self, deadline: float | None) -> Generator[StateEvent, None, None]:
+        """The events, until ``deadline`` (monotonic; None: until closed)."""
+        try:
+            for shard, upto in self._pending_fill:
+                yield from self._log(shard, upto)
+            self._pending_fill = []
+            while deadline is None or time.monotonic() < deadline:
+                self.link.check_open()
+                now = time.monotonic()
+                wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - now))
+                for shard in self.shards:
+                    if shard.polling:
+                        wait = min(wait, max(0.0, shard.poll_at - now))
+                    elif shard.conn is None:
+                        wait = min(wait, max(0.0, shard.reopen_at - now))
+                ready = self.selector.select(wait) if self.selector.get_map() else _sleep(wait)
+                for key, _mask in ready:
+                    yield from self._frame(key.data)
+                now = time.monotonic()
+                for shard in self.shards:
+                    if shard.polling and now >= shard.poll_at:
+                        shard.poll_at = now + self.poll
+                        yield from self._log(shard, None)
+                    elif not shard.polling and shard.conn is None and now >= shard.reopen_at:
+                        if self._open(shard):
+                            for pending, upto in self._pending_fill:
+                                yield from self._log(pending, upto)
+                            self._pending_fill = []
+                        else:
+                            shard.reopen_at = now + REOPEN_EVERY
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close every stream."""
+        for shard in self.shards:
+            if shard.conn is not None:
+                shard.conn.close()
+                shard.conn = None
+        self.selector.close()
+
+
+def _sleep(seconds: float) -> list[Any]:
+    time.sleep(seconds)
+    return []
+
+
+def follow_events(
+    link: ClusterLink, group_id: str | None, shards: list[int], poll: float, timeout: float | None
+) -> Generator[StateEvent, None, None]:
+    """Start following now (streams opened, starting points taken); return the events' iterator."""
+    watcher = SyncWatcher(link, group_id, shards, poll)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    return watcher.events(deadline)
+
