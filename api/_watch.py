@@ -72,12 +72,14 @@ class ShardFollow:
             return None
         return head if head > self.mark else None
 
-    def gap_before(self, after: int, events: list[Event]) -> int | None:
-        """A frame sent after ``after``: the seq the log must be read up to first, or None."""
+    def gap_before(self, after: int, last: int, events: list[Event]) -> int | None:
+        """A frame ``(after, last, events)``: the seq the log must be read up to first (what the
+        shard dropped before it), or None."""
         assert self.mark is not None
-        if after == self.mark or not events or events[0].seq <= self.mark + 1:
+        if after == self.mark:
             return None
-        return events[0].seq - 1
+        upto = events[0].seq - 1 if events else last
+        return upto if upto > self.mark else None
 
     def take_frame(self, last: int, events: list[Event]) -> tuple[list[StateEvent], int | None]:
         """The wanted events of a frame; and, if one of its values cannot be reconstructed here,
@@ -214,7 +216,7 @@ class SyncWatcher:
             self._broken(shard)
             return
         _kind, after, last, events = frame
-        upto = shard.follow.gap_before(after, events)
+        upto = shard.follow.gap_before(after, last, events)
         if upto is not None:
             yield from self._log(shard, upto)
         out, rest = shard.follow.take_frame(last, events)

@@ -57,6 +57,8 @@ MAX_FRAME_BYTES = MAX_FRAME
 NOTIFY_DELAY = 0.01
 #: Follow streams a shard serves at once (subscribers and watchers); more are refused.
 MAX_FOLLOWERS = 256
+#: Seconds between tries to tell a follow stream that fell behind about the frames it lost.
+ANNOUNCE_EVERY = 0.05
 #: Seconds ``__init__`` waits for the background load (a small shard answers its first call loaded)
 INIT_GRACE = 1.0
 #: A memory shard's event seqs start at ``incarnation << SEQ_BITS`` (unique across restarts).
@@ -435,12 +437,14 @@ class ShardActor:
         commits per frame. Durable events go to the subscriber's stream; while it has none (not
         connected yet, restarting, or the cluster has no streams) they go by a Ray call instead.
         """
+        owing = False
         while True:
-            self._outbox_ready.wait()
+            self._outbox_ready.wait(ANNOUNCE_EVERY if owing else None)
             self._outbox_ready.clear()
             with self._outbox_lock:
                 rounds, self._outbox = self._outbox, []
                 followers = list(self._followers)
+            owing = not all(f.announce() for f in followers if f.owed is not None and not f.gone)
             if not rounds:
                 continue
             durable = [e for events, _ in rounds for e in events]
@@ -458,6 +462,7 @@ class ShardActor:
                     self._unfollow(follower)
                     continue
                 streamed = streamed or subscriber
+                owing = owing or follower.owed is not None
             if durable and not streamed:
                 with self._outbox_lock:
                     self._ray_outbox.extend(durable)

@@ -9,8 +9,11 @@ each round of committed events to every follower; a follower sends the ones it w
 ``last`` is the seq of the frame's last event, ``after`` the ``last`` of the frame before it on
 this stream (or the starting point, for the first). A reader that sees ``after`` differ from the
 ``last`` it got before knows a frame was dropped (the shard's buffer for it was full) and reads
-what it missed from the shard's log. The first frame of a stream is ``pickle(("ready", head))``:
-the stream carries the events after ``head``, the last seq committed when it was opened.
+what it missed from the shard's log, up to the frame's first event (or its ``last``, for a frame
+without events). Once a stream that dropped frames has room again, the shard sends such an empty
+frame, ``("events", last dropped, last dropped, [])``, so a dropped tail is noticed even when
+nothing is committed after it. The first frame of a stream is ``pickle(("ready", head))``: the
+stream carries the events after ``head``, the last seq committed when it was opened.
 
 Values are sent once (:class:`shardstate.shards.event_forms.Shipper`): a large old value refers
 to the previous frame's event of that key, a large update's new value is its ops.
@@ -81,6 +84,8 @@ class EventFollower:
     frames: int = 0
     dropped: int = 0
     gone: bool = False
+    #: the ``last`` of a dropped frame not announced yet (see :meth:`announce`)
+    owed: int | None = None
     shipper: Shipper = field(default_factory=Shipper)
 
     def __post_init__(self) -> None:
@@ -105,9 +110,22 @@ class EventFollower:
         self.prev = last
         if self.send(body):
             self.frames += 1
+            self.owed = None  # this frame's ``after`` shows the reader the gap
             return True
         self.dropped += 1
+        self.owed = last
         self.shipper.reset()  # the reader lost what we sent last: refer to nothing before
+        return False
+
+    def announce(self) -> bool:
+        """Tell the reader about dropped frames nothing was sent after (an empty frame); True if
+        nothing is owed any more."""
+        if self.owed is None:
+            return True
+        body = pickle.dumps(("events", self.owed, self.owed, []), protocol=5)
+        if self.send(body):
+            self.owed = None
+            return True
         return False
 
 

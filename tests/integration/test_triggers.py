@@ -136,6 +136,12 @@ def counting_stream(state: shardstate.StateClient, group: str, task: int, n: int
         state.update(group, f"k{task}", [ops.increment("n")])
 
 
+def subscriber_of(state: shardstate.StateClient, shard: int) -> dict[str, Any]:
+    """The stats of the subscriber that delivers shard ``shard``'s events (there are several)."""
+    (sub,) = [s for s in ray.get(state.router.subscriber_stats.remote()) if shard in s["shards"]]
+    return sub  # type: ignore[no-any-return]
+
+
 def delivery_log(client: shardstate.StateClient, log: str) -> Callable[[shardstate.StateEvent], None]:
     """A handler that records EVERY delivery under its own key (no dedup: a redelivery adds a record).
 
@@ -173,10 +179,10 @@ def stream_with_trigger(
     state.set(group, "marker", {"n": 0})
     if kill:
         wait_for(lambda: any(value[0] == "marker" for _id, value in deliveries(state, log)))
-        sub = ray.get(state.router.subscriber_stats.remote())[0]
+        index = state._link.current().owners[slot_of(group)]
+        sub = subscriber_of(state, index)
         os.kill(sub["pid"], signal.SIGKILL)  # during the marker's delivery: it was not acknowledged
         time.sleep(0.5)
-        index = state._link.current().owners[slot_of(group)]
         os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)  # ... and the group's shard
     ray.get(refs)
     assert {it.key: it.value["n"] for it in state.items(group)} == {
@@ -500,7 +506,7 @@ def test_a_flood_stays_within_the_inbox_and_in_flight_bounds(new_cluster: dict[s
         total += 2_000
 
     def stats() -> dict[str, Any]:
-        return ray.get(state.router.subscriber_stats.remote())[0]  # type: ignore[no-any-return]
+        return subscriber_of(state, 0)  # the groups live on shard 0
 
     wait_for(lambda: stats()["pushes_dropped"] > 0, timeout=60)
     assert stats()["inbox_peak"] <= INBOX_EVENTS  # pushes past the bound were dropped, not kept
@@ -546,3 +552,145 @@ def test_dead_letters_that_do_not_fit_are_stored_truncated(
     time.sleep(2.0)  # nothing is delivered again
     assert len(ray.get(rec.get.remote())) == 1
     assert len(state.list_dead_letters()) == 2
+
+
+# -- issue 10: triggers at socket speed, values kept once ----------------------------------------------
+def test_each_subscriber_streams_its_own_shards_and_a_killed_one_costs_only_those(
+    new_cluster: dict[str, str], recorder: str
+) -> None:
+    state = shardstate.connect(**new_cluster, shards=4)
+    state.on_change(recording_handler(recorder), name="all")
+    stats = ray.get(state.router.subscriber_stats.remote())
+    assert len(stats) >= 2  # several subscribers: one event loop is not the limit
+    assert sorted(s for sub in stats for s in sub["shards"]) == [0, 1, 2, 3]
+
+
+    def streaming() -> bool:  # every subscriber follows each of its shards over a stream
+        subs = ray.get(state.router.subscriber_stats.remote())
+        return all(sub["streaming"] == sub["shards"] for sub in subs)
+
+    wait_for(streaming)
+    victim = subscriber_of(state, 0)
+    (first,) = groups_on(state, 0, 1, "a")
+    spared = next(i for i in range(1, 4) if i not in victim["shards"])
+    (other,) = groups_on(state, spared, 1, "b")
+    os.kill(victim["pid"], signal.SIGKILL)
+    for i in range(50):  # the other subscriber's shard delivers on while the victim restarts
+        state.set(other, "k", i)
+        state.set(first, "k", i)
+    rec = ray.get_actor(recorder, namespace="shardstate-tests")
+    wait_for(lambda: len({(r[1], r[5]) for r in ray.get(rec.get.remote())}) == 100, timeout=120)
+    seen = ray.get(rec.get.remote())
+    for g in (first, other):
+        values = [r[5] for r in seen if r[1] == g]
+        assert sorted(set(values)) == list(range(50))
+        assert values == sorted(values)  # in commit order
+    assert subscriber_of(state, 0)["pid"] != victim["pid"]  # restarted by Ray
+
+
+def test_watch_is_pushed_not_polled(state: shardstate.StateClient, group: str) -> None:
+    from shardstate import _triggers
+
+    events = _triggers.watch(state, group, poll=3600, timeout=120)  # a poll would wait an hour
+    got: list[shardstate.StateEvent] = []
+    reader = threading.Thread(target=lambda: got.append(next(events)), daemon=True)
+    reader.start()
+    time.sleep(1.0)  # the watcher waits: nothing was written yet
+    state.set(group, "k", "pushed")
+    reader.join(60)
+    assert [(e.key, e.new_value) for e in got] == [("k", "pushed")]
+    assert "watcher" in state.shard_info()[state._link.current().owners[slot_of(group)]]["followers"]
+    events.close()
+
+
+def test_a_watcher_sees_every_event_in_order_while_writers_race_and_its_shard_is_killed(
+    state: shardstate.StateClient, group: str
+) -> None:
+    events = state.watch(group, timeout=240)
+    refs = [counting_stream.remote(state, group, t, 300) for t in range(4)]
+    seen: dict[str, list[int]] = {f"k{t}": [] for t in range(4)}
+    killed = False
+    for event in events:
+        seen[event.key].append(event.new_value["n"])
+        if not killed and sum(map(len, seen.values())) > 400:
+            index = state._link.current().owners[slot_of(group)]
+            os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)  # the stream breaks; reopened
+            killed = True
+        if all(v and v[-1] == 300 for v in seen.values()):
+            break
+    ray.get(refs)
+    for key, values in seen.items():
+        assert values == sorted(set(values)), key  # in order, each once, across the restart
+        assert values[-1] == 300
+        # no trigger listens, so events live in the shard's memory only: those committed just before
+        # the kill that had not reached the watcher are gone (as with polling); nothing else is
+        missing = sorted(set(range(1, 301)) - set(values))
+        assert missing == list(range(missing[0], missing[0] + len(missing))) if missing else True, key
+
+
+def test_a_slow_watcher_loses_nothing_when_its_shard_drops_frames(
+    new_cluster: dict[str, str],
+) -> None:
+    state = shardstate.connect(**new_cluster, shards=1)
+    events = state.watch("big", timeout=240)
+    state.set("big", "k", "x" * 4096)
+    first = next(events)  # the stream is up; now the watcher does not read for a while
+    for i in range(3000):  # 12 MB of events: more than the shard buffers for one stream
+        with state.pipeline() as pipe:
+            pipe.set("big", f"k{i % 7}", f"{i:06d}" + "x" * 4090)
+    values = [first.new_value[:6]]
+    for event in events:
+        values.append(event.new_value[:6])
+        if len(values) == 3001:
+            break
+    assert values == ["xxxxxx"] + [f"{i:06d}" for i in range(3000)]
+    assert state.shard_info()[0]["pushes_dropped"] > 0  # frames were dropped, and filled in from the log
+
+
+@ray.remote(num_cpus=0)
+class ValueLog:
+    """What a handler saw of a growing document: (event_id, seq, done before, done after)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    def add(self, item: tuple[Any, ...]) -> None:
+        self.seen.append(item)
+
+    def get(self) -> list[tuple[Any, ...]]:
+        return list(self.seen)
+
+
+def test_handlers_get_whole_values_of_a_growing_document_across_kills(
+    state: shardstate.StateClient, group: str
+) -> None:
+    """Large values travel once (a reference to the previous version, an update's ops): what a
+    handler gets is still both whole documents, through streams, log reads and a shard's reload."""
+    log_name = f"values-{uuid.uuid4().hex[:8]}"
+    log = ValueLog.options(name=log_name, namespace="shardstate-tests").remote()
+
+    def handler(event: shardstate.StateEvent) -> None:
+        old, new = event.old_value or {"fields": {}}, event.new_value
+        sink = ray.get_actor(log_name, namespace="shardstate-tests")
+        ray.get(sink.add.remote((event.event_id, event.seq, sorted(old["fields"]), sorted(new["fields"]))))
+
+    name = state.on_change(handler, group_id=group, key="doc", name=f"values-{group}")
+    field = "v" * 300
+    index = state._link.current().owners[slot_of(group)]
+    for i in range(240):
+        state.update(group, "doc", [ops.merge("fields", {f"f{i:03d}": field})])
+        if i == 80:
+            os.kill(subscriber_of(state, index)["pid"], signal.SIGKILL)
+        if i == 160:
+            os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)
+    wait_for(lambda: len({r[0] for r in ray.get(log.get.remote())}) >= 240, timeout=240)
+    by_id: dict[str, tuple[Any, ...]] = {}
+    for event_id, seq, old, new in ray.get(log.get.remote()):
+        assert by_id.setdefault(event_id, (seq, old, new)) == (seq, old, new)  # redelivered alike
+    rows = sorted(by_id.values())
+    assert len(rows) == 240
+    for i, (_seq, old, new) in enumerate(rows):
+        assert old == [f"f{j:03d}" for j in range(i)]  # the document before this update, whole
+        assert new == [f"f{j:03d}" for j in range(i + 1)]  # and after it
+    state.remove_trigger(name)
+    ray.kill(log)

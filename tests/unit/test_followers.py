@@ -93,7 +93,7 @@ def test_the_watcher_bookkeeping_fills_a_gap_from_the_log_and_yields_each_event_
     assert [e.seq for e in out] == [1, 2]
     assert rest is None
     # a frame after a gap: events 3..4 are missing; the watcher reads the log up to 4 first
-    upto = follow.gap_before(4, shipped[4:])
+    upto = follow.gap_before(4, 6, shipped[4:])
     assert upto == 4
     logged, done = follow.take_log(engine.events_since(follow.mark, 10, full=True), upto)
     assert [e.seq for e in logged] == [3, 4]
@@ -219,3 +219,26 @@ def test_a_bad_follow_spec_closes_that_connection_only(served: tuple[WireServer,
     assert conn.sock.recv(10) == b""  # closed
     with ShardConnection(srv.address, SECRET) as other:
         assert pickle.loads(other.call(pickle.dumps([1]))) == "batch"
+
+
+def test_a_dropped_tail_is_announced_once_the_stream_has_room() -> None:
+    engine = ShardEngine()
+    sent: list[bytes] = []
+    accept = [True]
+    follower = EventFollower(FollowSpec(SUBSCRIBER), lambda b: accept[0] and sent.append(b) is None, start=0)
+    engine.execute_batch([C.command(C.SET, "g", "k", big(0))])
+    follower.push(engine.take_events())
+    accept[0] = False  # the stream is full: the last two frames are dropped, nothing follows them
+    for i in (1, 2):
+        engine.execute_batch([C.command(C.SET, "g", "k", big(i))])
+        follower.push(engine.take_events())
+    assert not follower.announce()  # still no room
+    accept[0] = True
+    assert follower.announce()
+    assert follower.announce()  # nothing owed any more: no second notice
+    notice = frame_of(sent[-1])
+    assert len(sent) == 2
+    follow = ShardFollow("c", 0, None)
+    follow.start(0)
+    follow.take_frame(*frame_of(sent[0])[2:])
+    assert follow.gap_before(*notice[1:]) == 3  # the reader reads the log up to the dropped tail
