@@ -16,7 +16,7 @@ import ray
 
 from shardstate._errors import Unavailable
 from shardstate.cluster.config import NAMESPACE, ClusterConfig, router_name
-from shardstate.cluster.router import router_actor_class
+from shardstate.cluster.router import router_actor_class, subscriber_count
 
 
 class ClusterMismatchWarning(UserWarning):
@@ -117,7 +117,8 @@ def cluster_settings(router: Any, timeout: float = 120.0) -> dict[str, Any]:
 
 def _discard(config: ClusterConfig) -> None:
     """Kill whatever actors a failed start left behind (router and shards), ignoring errors."""
-    names = [config.router_name(), config.subscriber_name(0)]
+    names = [config.router_name()]
+    names += [config.subscriber_name(i) for i in range(subscriber_count(config.shards))]
     names += [config.shard_name(i) for i in range(config.shards)]
     for name in names:
         try:

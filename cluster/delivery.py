@@ -244,7 +244,7 @@ async def run_delivery(pool: RunnerPool, chunk: Chunk) -> list[dict[str, Any]]:
     letters: list[dict[str, Any]] = []
     while start < count:
         runner = await pool.acquire()
-        at, att, healthy = 0, attempt, False
+        at, att, healthy, began = 0, attempt, False, time.monotonic()
         try:
             await runner.send_job(chunk, start, attempt, eager)
             while True:
@@ -270,7 +270,7 @@ async def run_delivery(pool: RunnerPool, chunk: Chunk) -> list[dict[str, Any]]:
             kind, failure = "died", describe(exc)[-ERROR_CHARS:]
         finally:
             if healthy or kind == "failed":
-                await pool.release(runner)
+                await pool.release(runner, time.monotonic() - began)
             else:
                 await pool.discard(runner)
         if kind == "timeout" or (kind == "silent" and eager):  # that attempt ran past the timeout

@@ -46,13 +46,15 @@ from shardstate.shards.actor import SWEEP_INTERVAL, shard_actor_class
 from shardstate.shards.storage import StorageError
 
 MANIFEST = "cluster.json"
-#: subscriber actors per cluster, at most (each follows every n-th shard; see subscriber_count)
-SUBSCRIBERS = int(os.environ.get("SHARDSTATE_SUBSCRIBERS", "2"))
+#: subscriber actors per cluster, at most (each follows every n-th shard; see subscriber_count).
+#: One subscriber's event loop limits delivery to about 24,000 events/s on a 2-core machine; two
+#: deliver about 60,000 (bench/triggers.py), more add processes but no speed there
+SUBSCRIBERS = 2
 
 
 def subscriber_count(shards: int) -> int:
-    """How many subscriber actors a cluster of ``shards`` shards runs: one per shard up to
-    :data:`SUBSCRIBERS` (a subscriber's one event loop is what limits delivery first)."""
+    """How many subscriber actors a cluster of ``shards`` shards runs: one per shard, at most
+    :data:`SUBSCRIBERS`."""
     return max(1, min(shards, SUBSCRIBERS))
 #: seconds ``ready()`` waits for the shards to finish loading before it answers anyway (a shard
 #: still loading then answers "loading, N%" and clients wait for it)

@@ -10,8 +10,11 @@ reports where the chunk is and which attempt ran past its timeout (see
 is the unit a hung handler can be stopped by.
 
 :class:`RunnerPool` (in the subscriber) keeps :data:`WARM_RUNNERS` runners while triggers exist,
-starts more when chunks wait for one longer than :data:`GROW_AFTER` (up to its limit) and stops
-runners idle for :data:`RUNNER_IDLE` seconds beyond the warm ones.
+starts another when a chunk waited :data:`GROW_AFTER` seconds for one while a runner is held by a
+chunk for that long, or chunks usually take :data:`SLOW_CHUNK` seconds or more (slow or blocking
+handlers: more processes help), up to its limit; it stops runners idle for :data:`RUNNER_IDLE`
+seconds beyond the warm ones. Quick chunks only queue: a new process would cost more CPU than it
+saves.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import socket
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import cloudpickle
@@ -47,8 +50,12 @@ from shardstate.shards.wire import (
 
 #: runners a subscriber keeps while any trigger is registered
 WARM_RUNNERS = 1
-#: seconds a chunk waits for a free runner before the pool starts another (up to its limit)
+#: seconds a chunk waits for a free runner before the pool starts another (up to its limit), if a
+#: runner has been held that long by its chunk, or the median of the last chunks' durations is at
+#: least :data:`SLOW_CHUNK` seconds
 GROW_AFTER = 0.05
+SLOW_CHUNK = 0.01
+RECENT_CHUNKS = 15
 #: runners starting at once, per pool
 MAX_STARTING = 2
 #: seconds an idle runner beyond the warm ones lives
@@ -259,6 +266,9 @@ class RunnerPool:
         self._secret: bytes | None = None
         self._node: str | None = None
         self._reaper: asyncio.Task[None] | None = None
+        #: how long the last chunks kept their runner; when each busy runner took its chunk
+        self._durations: deque[float] = deque(maxlen=RECENT_CHUNKS)
+        self._busy: dict[int, float] = {}
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:
@@ -283,6 +293,7 @@ class RunnerPool:
                 while self._idle:
                     runner = self._idle.pop()
                     if runner.alive():
+                        self._busy[id(runner)] = time.monotonic()
                         return runner
                     self._forget(runner)
                 if self.size < self.limit and self.starting < MAX_STARTING and (self.size == 0 or waited):
@@ -291,11 +302,21 @@ class RunnerPool:
                 try:
                     await asyncio.wait_for(cond.wait(), GROW_AFTER if self.size < self.limit else None)
                 except asyncio.TimeoutError:
-                    waited = True
+                    waited = self._slow()
 
-    async def release(self, runner: Runner) -> None:
-        """``runner`` finished its chunk and is healthy."""
+    def _slow(self) -> bool:
+        """Whether chunks hold runners long enough that another runner would help."""
+        now = time.monotonic()
+        if any(now - since >= GROW_AFTER for since in self._busy.values()):
+            return True
+        recent = sorted(self._durations)
+        return bool(recent) and recent[len(recent) // 2] >= SLOW_CHUNK
+
+    async def release(self, runner: Runner, busy: float = 0.0) -> None:
+        """``runner`` finished its chunk (in ``busy`` seconds) and is healthy."""
         runner.idle_since = time.monotonic()
+        self._busy.pop(id(runner), None)
+        self._durations.append(busy)
         cond = self._condition()
         async with cond:
             self._idle.append(runner)
@@ -309,6 +330,7 @@ class RunnerPool:
             cond.notify()
 
     def _forget(self, runner: Runner) -> None:
+        self._busy.pop(id(runner), None)
         runner.close()
         with contextlib.suppress(Exception):
             ray.kill(runner.actor, no_restart=True)

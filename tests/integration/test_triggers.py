@@ -459,6 +459,8 @@ def test_a_hung_handler_times_out_into_a_dead_letter_and_the_group_moves_on(
 
     def handler(event: shardstate.StateEvent) -> None:
         if event.key == "hang":
+            rec = ray.get_actor(recorder, namespace="shardstate-tests")
+            ray.get(rec.add.remote(("hung in", os.getpid())))
             time.sleep(3600)  # hangs (a deadlock, a stuck call): only the timeout ends it
         record(event)
 
@@ -470,8 +472,12 @@ def test_a_hung_handler_times_out_into_a_dead_letter_and_the_group_moves_on(
     state.set(group, "hang", 1)
     state.set(group, "next", 2)
     rec = ray.get_actor(recorder, namespace="shardstate-tests")
-    wait_for(lambda: len(ray.get(rec.get.remote())) >= 1, timeout=120)
-    assert [(r[2], r[5]) for r in ray.get(rec.get.remote())] == [("next", 2)]
+
+    def delivered() -> list[tuple[Any, ...]]:
+        return [r for r in ray.get(rec.get.remote()) if r[0] != "hung in"]
+
+    wait_for(lambda: len(delivered()) >= 1, timeout=120)
+    assert [(r[2], r[5]) for r in delivered()] == [("next", 2)]
 
     def letters() -> list[shardstate.DeadLetter]:
         return [d for d in state.list_dead_letters() if d.event.group_id == group]
@@ -480,6 +486,10 @@ def test_a_hung_handler_times_out_into_a_dead_letter_and_the_group_moves_on(
     (letter,) = letters()
     assert (letter.trigger, letter.event.key, letter.attempts) == (name, "hang", 4)
     assert "timed out after 1.0 s" in letter.error
+    hung = {r[1] for r in ray.get(rec.get.remote()) if r[0] == "hung in"}
+    assert len(hung) == 4  # each attempt hung in a process of its own ...
+    for pid in hung:  # ... which was killed: a process is what a hung handler is stopped by
+        wait_for(lambda pid=pid: not os.path.exists(f"/proc/{pid}"), timeout=30)  # type: ignore[misc]
     state.remove_trigger(name)
 
 
@@ -694,3 +704,38 @@ def test_handlers_get_whole_values_of_a_growing_document_across_kills(
         assert new == [f"f{j:03d}" for j in range(i + 1)]  # and after it
     state.remove_trigger(name)
     ray.kill(log)
+
+
+def test_a_runner_killed_mid_chunk_is_replaced_and_its_events_delivered_again_in_order(
+    state: shardstate.StateClient, group: str
+) -> None:
+    log = group + ":log"
+    pids = group + ":pids"
+
+    def handler(event: shardstate.StateEvent) -> None:
+        state.set(log, f"{event.event_id}|{uuid.uuid4().hex}", [event.key, event.new_value["n"]])
+        if event.key == "marker":
+            state.set(pids, "runner", os.getpid())
+            time.sleep(6.0)  # the test kills this runner now
+
+    name = state.on_change(handler, group_id=group, name=f"runner-{group}")
+    state.set(group, "marker", {"n": 0})
+    for i in range(1, 41):
+        state.set(group, "k", {"n": i})
+    wait_for(lambda: state.get(pids, "runner") is not None)
+    pid = state.get(pids, "runner")
+    os.kill(pid, signal.SIGKILL)  # the runner process, in the middle of its chunk
+    committed = {("marker", 0)} | {("k", i) for i in range(1, 41)}
+    wait_for(lambda: {value for _id, value in deliveries(state, log)} >= committed, timeout=120)
+    seen = deliveries(state, log)
+    assert sum(1 for _id, value in seen if value == ("marker", 0)) >= 2  # its delivery ran again
+    firsts: dict[str, tuple[str, int]] = {}
+    for event_id, value in seen:
+        firsts.setdefault(event_id, value)
+    assert {value for value in firsts.values()} == committed
+    # the log keeps the handler's calls in the order they happened: the group's order held
+    assert [n for _id, (key, n) in seen if key == "k"] == list(range(1, 41))
+    stats = subscriber_of(state, state._link.current().owners[slot_of(group)])
+    assert stats["runners_killed"] >= 1
+    assert not os.path.exists(f"/proc/{pid}")
+    state.remove_trigger(name)

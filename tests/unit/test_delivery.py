@@ -122,7 +122,7 @@ class FakePool:
         self.handed += 1
         return runner
 
-    async def release(self, runner: FakeRunner) -> None:
+    async def release(self, runner: FakeRunner, busy: float = 0.0) -> None:
         self.released.append(runner)
 
     async def discard(self, runner: FakeRunner) -> None:
