@@ -175,7 +175,9 @@ class SyncWatcher:
             return False
         try:
             write_frame(conn.sock, pack_follow(self.spec))
-            kind, head = frame_of(read_frame(conn.sock))[:2]
+            kind, head, index = frame_of(read_frame(conn.sock))
+            if kind != "ready" or index != shard.follow.shard:  # another shard's port (another node's)
+                raise ConnectionError(f"not shard {shard.follow.shard}'s stream")
         except Exception:
             conn.close()
             return False

@@ -314,6 +314,8 @@ class SubscriberActor:
             try:
                 reader, writer = await self._open_stream(shard)
                 ready = frame_of(await asyncio.wait_for(read_frame_async(reader), HANDSHAKE_TIMEOUT))
+                if ready[0] != "ready" or ready[2] != shard:  # another shard's port (another node's)
+                    raise ConnectionError(f"reached {ready!r:.80}, not shard {shard}'s stream")
                 mark = ready[1]
                 self.streaming[shard] = True
                 delay = 0.1

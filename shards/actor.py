@@ -497,7 +497,7 @@ class ShardActor:
             if len(live) >= MAX_FOLLOWERS:
                 raise ConnectionRefusedError(f"shard {self.index} serves {MAX_FOLLOWERS} follow streams")
             follower = EventFollower(spec, stream.send, start=self._outbox_head)
-            stream.send(ready_frame(follower.start))  # before any frame the notifier sends it
+            stream.send(ready_frame(follower.start, self.index))  # before any frame the notifier sends
             self._followers = [*live, follower]
         return _Following(self, follower)
 

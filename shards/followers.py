@@ -12,8 +12,10 @@ this stream (or the starting point, for the first). A reader that sees ``after``
 what it missed from the shard's log, up to the frame's first event (or its ``last``, for a frame
 without events). Once a stream that dropped frames has room again, the shard sends such an empty
 frame, ``("events", last dropped, last dropped, [])``, so a dropped tail is noticed even when
-nothing is committed after it. The first frame of a stream is ``pickle(("ready", head))``: the
-stream carries the events after ``head``, the last seq committed when it was opened.
+nothing is committed after it. The first frame of a stream is ``pickle(("ready", head, shard))``:
+the stream carries the events after ``head``, the last seq committed when it was opened, of shard
+number ``shard`` (a reader checks it reached the shard it meant: an address on another node's
+loopback could be another shard's port).
 
 Values are sent once (:class:`shardstate.shards.event_forms.Shipper`): a large old value refers
 to the previous frame's event of that key, a large update's new value is its ops.
@@ -64,9 +66,9 @@ class FollowSpec:
         return cls(spec["kind"], group)
 
 
-def ready_frame(head: int) -> bytes:
-    """The first frame of every stream: it carries the events after ``head``."""
-    return pickle.dumps(("ready", head), protocol=pickle.HIGHEST_PROTOCOL)
+def ready_frame(head: int, shard: int) -> bytes:
+    """The first frame of every stream: shard ``shard`` sends the events after ``head``."""
+    return pickle.dumps(("ready", head, shard), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass

@@ -132,7 +132,7 @@ class Pusher:
 
     def __call__(self, spec: bytes, stream: FollowStream) -> Any:
         self.specs.append(FollowSpec.from_bytes(spec))
-        stream.send(ready_frame(41))
+        stream.send(ready_frame(41, 3))
         self.streams.append(stream)
         pusher = self
 
@@ -172,7 +172,7 @@ def test_a_follow_stream_carries_frames_in_order_and_closing_it_tells_the_shard(
 ) -> None:
     srv, pusher = served
     conn = follow(srv, FollowSpec(WATCHER, "g"))
-    assert frame_of(read_frame(conn.sock)) == ("ready", 41)
+    assert frame_of(read_frame(conn.sock)) == ("ready", 41, 3)
     wait(lambda: pusher.streams)
     stream = pusher.streams[0]
     for i in range(200):  # from another thread than the server's loop, as the notifier does
@@ -197,7 +197,7 @@ def test_a_follower_that_does_not_read_costs_the_shard_a_bounded_buffer(
     accepted = sum(stream.send(body) for _ in range(200))  # 50 MiB offered to a reader that sleeps
     assert stream.refused > 0
     assert accepted * len(body) <= stream.limit + 2 * len(body) + 4 * 1024 * 1024  # limit + socket buffers
-    assert frame_of(read_frame(conn.sock)) == ("ready", 41)
+    assert frame_of(read_frame(conn.sock)) == ("ready", 41, 3)
     got = 0
     conn.sock.settimeout(2)
     try:
