@@ -9,7 +9,7 @@ subscribers are pushed too), from the moment they start (:mod:`shardstate._watch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
@@ -17,7 +17,7 @@ import cloudpickle
 from shardstate._errors import InvalidInput, StateError
 from shardstate._models import DeadLetter, StateEvent, TriggerInfo
 from shardstate._requests import delete_request, set_request
-from shardstate._watch import follow_events
+from shardstate._watch import follow_events, follow_events_async
 from shardstate.cluster.delivery import DEFAULT_HANDLER_TIMEOUT
 from shardstate.cluster.slots import slot_of
 from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP
@@ -127,6 +127,17 @@ def watch(
     return follow_events(link, group_id, shards, poll, timeout)
 
 
+def watch_async(
+    state: Any, group_id: str | None = None, *, poll: float = POLL, timeout: float | None = None
+) -> AsyncGenerator[StateEvent, None]:
+    """:func:`watch` for the async client (``state``: an ``AsyncStateClient``), on asyncio streams:
+    ``async for event in watch_async(astate, "orders", timeout=10)``. The starting point is taken
+    when iteration starts."""
+    if group_id is not None:
+        check_name(group_id, "group_id")
+    return follow_events_async(state._link, group_id, poll, timeout)
+
+
 def wait_until(
     state: StateClient,
     group_id: str,
@@ -151,4 +162,4 @@ def wait_until(
     raise WaitTimeout(f"{group_id!r}/{key!r} did not satisfy the predicate within {timeout}s")
 
 
-__all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "WaitTimeout", "watch", "wait_until"]
+__all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "WaitTimeout", "wait_until", "watch", "watch_async"]

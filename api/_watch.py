@@ -14,24 +14,35 @@ A shard whose connection cannot be reached (``transport="ray"`` clients, another
 closed) is polled instead, as before.
 
 :class:`ShardFollow` is the per-shard bookkeeping without I/O; :class:`SyncWatcher` drives it with
-blocking sockets and a selector (the async client runs it in a thread).
+blocking sockets and a selector, :class:`AsyncWatcher` with asyncio streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import selectors
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import AsyncGenerator, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from shardstate._models import StateEvent
 from shardstate.cluster.delivery import to_state_event
+from shardstate.cluster.slots import slot_of
 from shardstate.shards.event_forms import Resolver, Unresolved
 from shardstate.shards.followers import SYSTEM_PREFIX, WATCHER, FollowSpec, frame_of
 from shardstate.shards.records import Event
-from shardstate.shards.wire import ShardConnection, WireError, pack_follow, read_frame, write_frame
+from shardstate.shards.wire import (
+    ShardConnection,
+    WireError,
+    client_handshake_async,
+    pack_follow,
+    read_frame,
+    read_frame_async,
+    write_frame,
+    write_frame_async,
+)
 
 if TYPE_CHECKING:
     from shardstate._client import ClusterLink
@@ -281,3 +292,138 @@ def follow_events(
     deadline = None if timeout is None else time.monotonic() + timeout
     return watcher.events(deadline)
 
+
+
+# -- asyncio -----------------------------------------------------------------------------------------
+#: events an async watcher holds for its consumer; past that its shards' streams wait (and the
+#: shards drop frames, read back from their logs later)
+ASYNC_QUEUE = 10_000
+#: an open stream: (reader, writer, the seq its log must be read up to first, or None)
+_Stream = tuple[Any, Any, "int | None"]
+
+
+class AsyncWatcher:
+    """Follows shards' events for one async ``watch()`` with asyncio streams: a task per shard
+    (frames, gap fills and reconnections in order), all feeding one bounded queue."""
+
+    def __init__(self, link: ClusterLink, group_id: str | None, poll: float) -> None:
+        self.link = link
+        self.group_id = group_id
+        self.poll = poll
+        self.spec = FollowSpec(WATCHER, group_id).to_bytes()
+        self.queue: asyncio.Queue[StateEvent] = asyncio.Queue(ASYNC_QUEUE)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.secret: bytes | None = None
+
+    async def start(self) -> None:
+        """Open every stream (or take a polled shard's head): the starting point."""
+        link = self.link
+        view = link.view or await link.refresh_async()
+        group = self.group_id
+        shards = [view.owners[slot_of(group)]] if group is not None else list(range(len(view.shards)))
+        if getattr(link, "transport", "socket") != "ray":
+            try:
+                self.secret = await asyncio.wait_for(link.router.wire_secret.remote(), link.timeout)
+            except Exception:
+                self.secret = None
+        for index in shards:
+            follow, handle = ShardFollow(link.cluster, index, self.group_id), view.shards[index]
+            stream = await self._open(follow, handle)
+            if stream is None:
+                head = (await asyncio.wait_for(handle.event_state.remote(), link.timeout))[0]
+                follow.start(head)
+            self.tasks.append(asyncio.get_running_loop().create_task(self._run(follow, handle, stream)))
+
+    async def _open(self, follow: ShardFollow, handle: Any) -> _Stream | None:
+        """``(reader, writer, seq the log must be read up to first)``, or None (poll instead)."""
+        if self.secret is None:
+            return None
+        writer = None
+        try:
+            address = await asyncio.wait_for(handle.address.remote(), OPEN_TIMEOUT)
+            if address is None:
+                return None
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(address[0], int(address[1]), limit=1 << 20), OPEN_TIMEOUT
+            )
+            await asyncio.wait_for(client_handshake_async(reader, writer, self.secret), OPEN_TIMEOUT)
+            await write_frame_async(writer, pack_follow(self.spec))
+            kind, head, index = frame_of(await asyncio.wait_for(read_frame_async(reader), OPEN_TIMEOUT))
+            if kind != "ready" or index != follow.shard:
+                raise ConnectionError(f"not shard {follow.shard}'s stream")
+        except Exception:
+            if writer is not None:
+                writer.close()
+            return None
+        return reader, writer, follow.start(head)
+
+    async def _log(self, follow: ShardFollow, handle: Any, upto: int | None) -> None:
+        while True:
+            self.link.check_open()
+            try:
+                ref = handle.events_since.remote(follow.mark, LOG_BATCH, True)
+                events = await asyncio.wait_for(ref, self.link.timeout)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
+                return
+            out, done = follow.take_log(events, upto)
+            for event in out:
+                await self.queue.put(event)
+            if done or upto is None and len(events) < LOG_BATCH:
+                return
+
+    async def _run(self, follow: ShardFollow, handle: Any, stream: _Stream | None) -> None:
+        """One shard: its frames in order, its gaps filled, its stream opened again when it breaks."""
+        while True:
+            if stream is None:  # polled (no stream to be had), or broken: try again after a while
+                await asyncio.sleep(self.poll if self.secret is None else REOPEN_EVERY)
+                if self.secret is None:
+                    await self._log(follow, handle, None)
+                    continue
+                stream = await self._open(follow, handle)
+                continue
+            reader, writer, upto = stream
+            try:
+                if upto is not None:
+                    await self._log(follow, handle, upto)
+                while True:
+                    _kind, after, last, events = frame_of(await read_frame_async(reader))
+                    gap = follow.gap_before(after, last, events)
+                    if gap is not None:
+                        await self._log(follow, handle, gap)
+                    out, rest = follow.take_frame(last, events)
+                    for event in out:
+                        await self.queue.put(event)
+                    if rest is not None:
+                        await self._log(follow, handle, rest)
+            except (WireError, OSError, ValueError, asyncio.IncompleteReadError):
+                writer.close()
+                stream = None
+
+    async def close(self) -> None:
+        """Stop every shard's task and close its stream."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def follow_events_async(
+    link: ClusterLink, group_id: str | None, poll: float, timeout: float | None
+) -> AsyncGenerator[StateEvent, None]:
+    """:func:`follow_events` for asyncio (the shard of ``group_id``, or every shard): the starting
+    point is taken when iteration starts."""
+    watcher = AsyncWatcher(link, group_id, poll)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        await watcher.start()
+        while True:
+            link.check_open()
+            wait = 1.0 if deadline is None else deadline - time.monotonic()
+            if wait <= 0:
+                return
+            try:
+                event = await asyncio.wait_for(watcher.queue.get(), min(wait, 1.0))
+            except asyncio.TimeoutError:
+                continue
+            yield event
+    finally:
+        await watcher.close()

@@ -739,3 +739,39 @@ def test_a_runner_killed_mid_chunk_is_replaced_and_its_events_delivered_again_in
     assert stats["runners_killed"] >= 1
     assert not os.path.exists(f"/proc/{pid}")
     state.remove_trigger(name)
+
+
+def test_the_async_watcher_is_pushed_in_order_across_a_shard_kill(
+    state: shardstate.StateClient, group: str
+) -> None:
+    """``_triggers.watch_async`` (asyncio streams, what the async client can call instead of running
+    the sync watcher in threads): pushed (an hour's poll), in order, a shard's restart survived."""
+    import asyncio
+
+    from shardstate import _triggers
+
+    async def follow() -> list[tuple[str, Any]]:
+        astate = await shardstate.connect_async(cluster=state.cluster)
+        stream = _triggers.watch_async(astate, group, poll=3600, timeout=120)
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(1.0)  # the watcher has taken its starting point and waits
+        await astate.set(group, "k", 0)
+        got = [await first]
+        index = state._link.current().owners[slot_of(group)]
+        for i in range(1, 60):
+            await astate.set(group, "k", i)
+            if i == 20:
+                os.kill(state.shard_info()[index]["pid"], signal.SIGKILL)
+        async for event in stream:
+            got.append(event)
+            if event.new_value == 59:
+                break
+        await stream.aclose()
+        return [(e.event_type, e.new_value) for e in got]
+
+    got = asyncio.run(follow())
+    values = [v for _kind, v in got]
+    assert values == sorted(set(values))  # in order, each once
+    assert values[0] == 0
+    assert set(range(21, 60)) <= set(values)  # everything written after the restart
+    assert got[0][0] == "state:created"
