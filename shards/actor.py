@@ -81,6 +81,7 @@ class ShardActor:
         sweep_interval: float = SWEEP_INTERVAL,
         subscriber_name: str | None = None,
         cluster_id: str | None = None,
+        wire_host: str = "127.0.0.1",
     ) -> None:
         self._started = time.perf_counter()
         self.cluster = cluster
@@ -107,6 +108,7 @@ class ShardActor:
         self._engine_lock = threading.Lock()
         #: the shard's own connection (started once loaded, in a cluster that has a secret)
         self._wire: WireServer | None = None
+        self.wire_host = wire_host
         self.wire_error: str | None = None
         # -- loading (a background thread fills these; calls read them) ---------------------------
         self.phase = OPENING
@@ -172,7 +174,7 @@ class ShardActor:
         """Serve batches on the shard's own connection (the node's IP, an ephemeral port). Without
         it (no secret, no port) the shard serves Ray calls only, and ``info()`` says why."""
         try:
-            self.serve_wire(metadata.secret(self.cluster), _wire_host())
+            self.serve_wire(metadata.secret(self.cluster), _wire_host(self.wire_host))
         except Exception as exc:
             self.wire_error = f"{type(exc).__name__}: {exc}"
             print(f"shardstate shard {self.index}: no own connection: {self.wire_error}", file=sys.stderr)
@@ -188,6 +190,14 @@ class ShardActor:
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the shard's own connection; None while loading or without one."""
         return None if self._wire is None else self._wire.address
+
+    def endpoint(self) -> tuple[str, int, str | None] | None:
+        """``(host, port, node IP)``: :meth:`address` and the node it is on (a client elsewhere
+        cannot reach a loopback address); None while loading or without a connection."""
+        if self._wire is None:
+            return None
+        host, port = self._wire.address
+        return (host, port, _node()[1])
 
     def _initial_durable_events(self) -> bool:
         """Whether the loaded engine keeps events durably at first: a trigger is registered (the
@@ -523,6 +533,7 @@ class ShardActor:
             "commands": self.commands,
             "address": self.address(),
             "wire_error": self.wire_error,
+            "wire": None if self._wire is None else self._wire.stats(),
         }
 
     def ping(self) -> int:
@@ -553,10 +564,10 @@ def _where_it_was(record: dict[str, Any] | None, index: int) -> str:
     )
 
 
-def _wire_host() -> str:
-    """Where the shard's connection listens: 127.0.0.1 unless :data:`WIRE_HOST_ENV` says otherwise
-    (``node``: the node's IP)."""
-    told = os.environ.get(WIRE_HOST_ENV, "").strip()
+def _wire_host(configured: str = "127.0.0.1") -> str:
+    """Where the shard's connection listens: the cluster's ``wire_host`` (default 127.0.0.1), or
+    what :data:`WIRE_HOST_ENV` says on this node (``node``: the node's IP)."""
+    told = os.environ.get(WIRE_HOST_ENV, "").strip() or configured
     if told == "node":
         _node_id, node_ip = _node()
         return node_ip or "127.0.0.1"

@@ -280,6 +280,8 @@ class WireServer:
         self.handler = handler
         self.connections = 0  # currently open, authenticated or not
         self.refused = 0  # connections closed for failing the handshake or breaking the protocol
+        self.accepted = 0  # connections opened since the start
+        self.requests = 0  # request frames answered since the start
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         started = threading.Event()
@@ -312,6 +314,7 @@ class WireServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.accepted += 1
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -321,7 +324,9 @@ class WireServer:
             while True:
                 body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
                 packed, lane, resume = unpack_request(body)
-                await write_frame_async(writer, self.handler(packed, lane, resume))
+                answer = self.handler(packed, lane, resume)
+                self.requests += 1
+                await write_frame_async(writer, answer)
         except ConnectionClosed:
             pass  # the client is done
         except (WireError, asyncio.TimeoutError, OSError) as exc:
@@ -334,6 +339,15 @@ class WireServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def stats(self) -> dict[str, int]:
+        """``connections`` open now, ``accepted`` and ``refused`` since the start, ``requests`` answered."""
+        return {
+            "connections": self.connections,
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "requests": self.requests,
+        }
 
     def close(self) -> None:
         """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
@@ -382,8 +396,20 @@ class ShardConnection:
 
     def call(self, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
         """Send one packed batch and return the shard's packed results."""
+        self.send(packed, lane, resume)
+        return self.receive()
+
+    def send(self, packed: bytes, lane: str | None = None, resume: bool = False) -> None:
+        """Send one packed batch (its answer is the next :meth:`receive`)."""
         try:
             write_frame(self.sock, pack_request(packed, lane, resume))
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self) -> bytes:
+        """The packed results of the oldest batch sent and not yet received."""
+        try:
             return read_frame(self.sock)
         except BaseException:
             self.close()
