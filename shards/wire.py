@@ -53,6 +53,9 @@ HANDSHAKE_TIMEOUT = 10.0
 #: once a frame's length has arrived, its body must follow within this many seconds, plus one
 #: second per MiB: a peer that stalls in the middle of a frame does not hold a connection forever
 FRAME_BODY_TIMEOUT = 30.0
+#: Connections a shard keeps open at once (one per client process and shard, a few more for
+#: threads); more are closed as they arrive.
+MAX_CONNECTIONS = 4096
 #: Bytes of each handshake nonce and of the cluster secret.
 NONCE_SIZE = 32
 SECRET_SIZE = 32
@@ -267,12 +270,14 @@ def unpack_request(body: bytes) -> tuple[bytes, str | None, bool]:
 
 # -- the server (inside the shard) ------------------------------------------------------------------
 class WireServer:
-    """An asyncio server on a daemon thread: authenticates each connection, then answers its
-    request frames in order with ``handler`` (called on the loop's thread, one request at a time
-    per server; the handler itself serializes with the shard's other callers).
+    """A server on daemon threads: an accept loop, and one thread per connection that authenticates
+    it, then answers its request frames in order with ``handler`` (called on that connection's
+    thread; the handler itself serializes with the shard's other callers). Blocking sockets: a
+    request costs two system calls each way and no event loop.
 
-    A connection that fails the handshake, sends a truncated, oversized or malformed frame, or
-    goes away is closed; the server and every other connection carry on.
+    A connection that fails the handshake, sends a truncated, oversized or malformed frame, stalls
+    in the middle of a frame, or goes away is closed; the server and every other connection carry
+    on. At most :data:`MAX_CONNECTIONS` are open at once (more are closed at once).
     """
 
     def __init__(self, host: str, secret: bytes, handler: Handler, port: int = 0) -> None:
@@ -282,63 +287,67 @@ class WireServer:
         self.refused = 0  # connections closed for failing the handshake or breaking the protocol
         self.accepted = 0  # connections opened since the start
         self.requests = 0  # request frames answered since the start
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._server = self._loop.run_until_complete(
-                    asyncio.start_server(self._serve, host, port, limit=1 << 20)
-                )
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            try:
-                self._loop.run_forever()
-            finally:
-                self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="shardstate-wire")
-        self._thread.start()
-        started.wait()
-        if failure:
-            raise failure[0]
-        assert self._server is not None
-        bound = self._server.sockets[0].getsockname()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closed = False
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
+        self._thread = threading.Thread(target=self._accept, daemon=True, name="shardstate-wire")
+        self._thread.start()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        self.accepted += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, _peer = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                full = self._closed or len(self._open) >= MAX_CONNECTIONS
+                if not full:
+                    self._open.add(sock)
+                    self.connections += 1
+                    self.accepted += 1
+                else:
+                    self.refused += 1
+            if full:
+                sock.close()
+                continue
+            name = "shardstate-wire-conn"
+            threading.Thread(target=self._serve, args=(sock,), daemon=True, name=name).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await asyncio.wait_for(server_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            server_handshake(sock, self.secret)
             while True:
-                body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
-                packed, lane, resume = unpack_request(body)
+                sock.settimeout(None)  # an idle connection may wait for its next request forever
+                (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, between_frames=True))
+                if size > MAX_FRAME:
+                    raise FrameTooLarge(f"peer announced a frame of {size} bytes (at most {MAX_FRAME})")
+                sock.settimeout(FRAME_BODY_TIMEOUT + size / (1 << 20))
+                packed, lane, resume = unpack_request(_recv_exactly(sock, size))
                 answer = self.handler(packed, lane, resume)
                 self.requests += 1
-                await write_frame_async(writer, answer)
+                sock.settimeout(FRAME_BODY_TIMEOUT + len(answer) / (1 << 20))
+                write_frame(sock, answer)
         except ConnectionClosed:
             pass  # the client is done
-        except (WireError, asyncio.TimeoutError, OSError) as exc:
-            self.refused += 1
-            print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except (WireError, OSError) as exc:  # socket.timeout is an OSError
+            with self._lock:
+                self.refused += 1
+            if not self._closed:
+                print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
         except Exception as exc:  # the handler failed: the client sees a closed connection and retries
             print(f"shardstate wire: request failed, closing: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
-            self.connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            with self._lock:
+                self.connections -= 1
+                self._open.discard(sock)
+            sock.close()
 
     def stats(self) -> dict[str, int]:
         """``connections`` open now, ``accepted`` and ``refused`` since the start, ``requests`` answered."""
@@ -350,22 +359,20 @@ class WireServer:
         }
 
     def close(self) -> None:
-        """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        """Stop accepting and drop every open connection (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            open_now = list(self._open)
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._thread.join(5)
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def serve(host: str, secret: bytes, handler: Handler, port: int = 0) -> WireServer:
