@@ -123,7 +123,7 @@ class ClusterLink:
         snapshot = answers[0]
         if len(answers) > 1 and self.secret is None:
             self.secret = answers[1]
-            self.connections = SyncConnections(answers[1], self.timeout)
+            self.connections = SyncConnections(answers[1], self.timeout, self.my_ip)
         if isinstance(snapshot, dict):
             endpoints = tuple(
                 found if reachable(found, self.my_ip) else None
@@ -311,7 +311,7 @@ class ClusterLink:
             if conn is not None:
                 conn.close()
             assert self.secret is not None
-            conn = conns[shard] = AsyncConnection(shard, endpoint, self.secret)
+            conn = conns[shard] = AsyncConnection(shard, endpoint, self.secret, self.my_ip)
         return conn.submit(packed, lane, resume)
 
     async def receive(self, pending: Any) -> bytes:

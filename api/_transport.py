@@ -51,11 +51,21 @@ class ShardGone(Exception):
 
 
 class Endpoint(NamedTuple):
-    """Where a shard's own connection listens, and the IP of the node it runs on."""
+    """Where a shard's own connection listens, the IP of the node it runs on, and its Unix socket
+    (for clients on the same machine)."""
 
     host: str
     port: int
     node_ip: str | None
+    path: str | None = None
+
+    def target(self, my_ip: str | None) -> tuple[str, int] | str:
+        """What this process connects to: the Unix socket when it is on the shard's node (and the
+        socket file is here), else ``(host, port)``."""
+        here = my_ip is not None and self.node_ip == my_ip
+        if self.path is not None and here and os.path.exists(self.path):
+            return self.path
+        return (self.host, self.port)
 
 
 def reachable(endpoint: Endpoint | None, my_ip: str | None) -> bool:
@@ -90,29 +100,31 @@ class SyncConnections:
     :class:`TimeoutError`.
     """
 
-    def __init__(self, secret: bytes, timeout: float) -> None:
+    def __init__(self, secret: bytes, timeout: float, my_ip: str | None = None) -> None:
         self.secret = secret
         self.timeout = timeout
+        self.my_ip = my_ip
         self._idle: dict[int, list[ShardConnection]] = {}
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
     def _checkout(self, shard: int, endpoint: Endpoint) -> ShardConnection:
+        target = endpoint.target(self.my_ip)
         with self._lock:
             if self._pid != os.getpid():  # a forked child must not share its parent's sockets
                 self._idle, self._pid = {}, os.getpid()
             idle = self._idle.get(shard)
             while idle:
                 conn = idle.pop()
-                if conn.address == (endpoint.host, endpoint.port):
+                if conn.address == target:
                     return conn
                 conn.close()  # the shard moved: a connection to its old address is no use
         try:
-            return ShardConnection((endpoint.host, endpoint.port), self.secret, timeout=self.timeout)
+            return ShardConnection(target, self.secret, timeout=self.timeout)
         except AuthenticationError:
             raise
         except (OSError, WireError) as exc:
-            where = f"{endpoint.host}:{endpoint.port}"
+            where = target if isinstance(target, str) else f"{endpoint.host}:{endpoint.port}"
             raise ShardGone(f"cannot connect to shard {shard} at {where}: {exc}") from exc
 
     def _checkin(self, shard: int, conn: ShardConnection) -> None:
@@ -194,9 +206,10 @@ class AsyncConnection:
     :class:`ShardGone` and the connection is done: make a new one.
     """
 
-    def __init__(self, shard: int, endpoint: Endpoint, secret: bytes) -> None:
+    def __init__(self, shard: int, endpoint: Endpoint, secret: bytes, my_ip: str | None = None) -> None:
         self.shard = shard
         self.endpoint = endpoint
+        self.target = endpoint.target(my_ip)
         self.secret = secret
         self.broken: BaseException | None = None
         self._pending: collections.deque[asyncio.Future[bytes]] = collections.deque()
@@ -222,12 +235,13 @@ class AsyncConnection:
     async def _run(self) -> None:
         writer: asyncio.StreamWriter | None = None
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.endpoint.host, self.endpoint.port, limit=1 << 20),
-                HANDSHAKE_TIMEOUT,
-            )
+            if isinstance(self.target, str):
+                opening = asyncio.open_unix_connection(self.target, limit=1 << 20)
+            else:
+                opening = asyncio.open_connection(*self.target, limit=1 << 20)
+            reader, writer = await asyncio.wait_for(opening, HANDSHAKE_TIMEOUT)
             sock = writer.get_extra_info("socket")  # type: ignore[union-attr]
-            if sock is not None:
+            if sock is not None and isinstance(self.target, tuple):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(client_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)

@@ -229,7 +229,8 @@ class RouterActor:
 
     async def routes(self, timeout: float = 10.0) -> dict[str, Any]:
         """Everything a client routes by, in one call: ``epoch``, slot ``owners``, shard ``handles``
-        and per shard its connection's ``endpoints`` ``(host, port, node IP)`` (None while it has
+        and per shard its connection's ``endpoints`` ``(host, port, node IP, Unix socket
+        path)`` (None while it has
         none: loading, restarting, not answering within ``timeout`` s; use its handle meanwhile)."""
         epoch, owners = self.map.epoch, self.map.owners
         endpoints = await asyncio.gather(*(_endpoint(s, timeout) for s in self.shards))
@@ -379,13 +380,13 @@ async def _address(shard: Any, timeout: float) -> tuple[str, int] | None:
     return None if address is None else (str(address[0]), int(address[1]))
 
 
-async def _endpoint(shard: Any, timeout: float) -> tuple[str, int, str | None] | None:
+async def _endpoint(shard: Any, timeout: float) -> tuple[str, int, str | None, str | None] | None:
     """A shard's ``endpoint()``; None if it died meanwhile or did not answer."""
     try:
         found = await asyncio.wait_for(shard.endpoint.remote(), timeout)
     except (asyncio.TimeoutError, RayActorError):
         return None
-    return None if found is None else (str(found[0]), int(found[1]), found[2])
+    return None if found is None else (str(found[0]), int(found[1]), found[2], found[3])
 
 
 def _alive_nodes() -> builtins.list[tuple[str, str]]:

@@ -184,20 +184,21 @@ class ShardActor:
 
         Every request runs :meth:`run`, under the same engine lock as the Ray calls."""
         if self._wire is None:
-            self._wire = WireServer(host, secret, self.run)
+            self._wire = WireServer(host, secret, self.run, unix=True)
         return self._wire.address
 
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the shard's own connection; None while loading or without one."""
         return None if self._wire is None else self._wire.address
 
-    def endpoint(self) -> tuple[str, int, str | None] | None:
-        """``(host, port, node IP)``: :meth:`address` and the node it is on (a client elsewhere
-        cannot reach a loopback address); None while loading or without a connection."""
+    def endpoint(self) -> tuple[str, int, str | None, str | None] | None:
+        """``(host, port, node IP, Unix socket path)``: :meth:`address`, the node it is on (a client
+        elsewhere cannot reach a loopback address) and the Unix socket clients on this machine use;
+        None while loading or without a connection."""
         if self._wire is None:
             return None
         host, port = self._wire.address
-        return (host, port, _node()[1])
+        return (host, port, _node()[1], self._wire.path)
 
     def _initial_durable_events(self) -> bool:
         """Whether the loaded engine keeps events durably at first: a trigger is registered (the

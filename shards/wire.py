@@ -39,6 +39,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -280,7 +281,9 @@ class WireServer:
     on. At most :data:`MAX_CONNECTIONS` are open at once (more are closed at once).
     """
 
-    def __init__(self, host: str, secret: bytes, handler: Handler, port: int = 0) -> None:
+    def __init__(
+        self, host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool = False
+    ) -> None:
         self.secret = secret
         self.handler = handler
         self.connections = 0  # currently open, authenticated or not
@@ -294,13 +297,27 @@ class WireServer:
         self._listener = socket.create_server((host, port), family=family, backlog=128)
         bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
-        self._thread = threading.Thread(target=self._accept, daemon=True, name="shardstate-wire")
-        self._thread.start()
+        #: a Unix socket for clients on this machine (in a new directory only this user can enter)
+        self.path: str | None = None
+        self._unix: socket.socket | None = None
+        if unix and hasattr(socket, "AF_UNIX"):
+            directory = tempfile.mkdtemp(prefix="shardstate-wire-")  # mode 0700
+            self.path = os.path.join(directory, "shard.sock")
+            self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._unix.bind(self.path)
+            self._unix.listen(128)
+        self._threads = [
+            threading.Thread(target=self._accept, args=(lst,), daemon=True, name="shardstate-wire")
+            for lst in (self._listener, self._unix)
+            if lst is not None
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                sock, _peer = self._listener.accept()
+                sock, _peer = listener.accept()
             except OSError:
                 return  # closed
             with self._lock:
@@ -365,37 +382,62 @@ class WireServer:
                 return
             self._closed = True
             open_now = list(self._open)
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        for listener in (self._listener, self._unix):
+            if listener is None:
+                continue
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+            with contextlib.suppress(OSError):
+                listener.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.path))
         for sock in open_now:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
 
 
-def serve(host: str, secret: bytes, handler: Handler, port: int = 0) -> WireServer:
-    """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given)."""
-    return WireServer(host, secret, handler, port)
+def serve(host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool = False) -> WireServer:
+    """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given; and a
+    Unix socket if ``unix``)."""
+    return WireServer(host, secret, handler, port, unix)
 
 
 # -- a client connection ------------------------------------------------------------------------
 class ShardConnection:
     """One authenticated, blocking connection to a shard (not thread-safe: one caller at a time).
 
-    ``call(packed, lane, resume)`` is ``ShardActor.run`` over the socket: it sends the packed batch
+    ``address``: ``(host, port)``, or the path of the shard's Unix socket. ``call(packed, lane,
+    resume)`` is ``ShardActor.run`` over the socket: it sends the packed batch
     and returns the packed results. Any :class:`WireError` or ``OSError`` leaves the connection
     closed; open a new one (the shard may have moved or restarted: ask the router).
     """
 
-    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, address: tuple[str, int] | str, secret: bytes, timeout: float | None = 30.0
+    ) -> None:
         if not isinstance(secret, bytes) or not secret:
             raise AuthenticationError("the cluster secret is non-empty bytes")
-        self.address = (address[0], int(address[1]))
-        self.sock = socket.create_connection(self.address, timeout=timeout)
+        self.address: tuple[str, int] | str
+        if isinstance(address, str):  # a Unix socket's path
+            self.address = address
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.connect(address)
+            except BaseException:
+                self.sock.close()
+                raise
+        else:
+            self.address = (address[0], int(address[1]))
+            self.sock = socket.create_connection(self.address, timeout=timeout)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sock.family != getattr(socket, "AF_UNIX", None):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client_handshake(self.sock, secret)
         except BaseException:
             self.sock.close()

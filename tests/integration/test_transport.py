@@ -40,6 +40,14 @@ def test_the_default_transport_is_the_shards_connection(state: shardstate.StateC
     wire_after, batches_after = wire_requests(state, index)
     assert wire_after - wire_before >= 100  # every call went over the connection ...
     assert wire_after - wire_before == batches_after - batches_before  # ... and none as a Ray call
+    # on the shard's own machine, over its Unix socket (in a directory only this user can enter)
+    endpoint = state._link.current().endpoint(index)
+    assert endpoint is not None
+    assert endpoint.path is not None
+    assert endpoint.target(state._link.my_ip) == endpoint.path
+    assert os.stat(os.path.dirname(endpoint.path)).st_mode & 0o777 == 0o700
+    assert state._link.connections is not None
+    assert [c.address for c in state._link.connections._idle[index]] == [endpoint.path]
 
 
 def test_the_ray_transport_sends_nothing_over_the_connection(
