@@ -27,9 +27,9 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from shardstate._core import Slot, deliver, exchange, picklable, run_async, run_sync
+from shardstate._core import Slot, deliver, exchange, packed_batch, run_async, run_sync
 from shardstate._errors import StateError
-from shardstate._wireformat import fits, pack, request_sizes
+from shardstate._wireformat import fits, request_sizes
 
 if TYPE_CHECKING:
     from shardstate._link import ClusterLink
@@ -44,13 +44,14 @@ MIN_PART = 64
 
 
 class _Waiter(Slot):
-    """A thread's slot: an event to wait on for its answer (or for its turn to send)."""
+    """A thread's slot: an event to wait on for its answer (or for its turn to send); made only
+    for a caller that has to wait (one that finds its lane idle sends at once)."""
 
     __slots__ = ("event",)
 
     def __init__(self, req: Request) -> None:
         super().__init__(req)
-        self.event = threading.Event()
+        self.event: threading.Event | None = None
 
 
 class SyncLanes:
@@ -68,9 +69,12 @@ class SyncLanes:
         with self.lock:
             self.queues.setdefault(shard, []).append(slot)
             lead = shard not in self.busy
-            self.busy.add(shard)
+            if lead:
+                self.busy.add(shard)
+            else:
+                slot.event = event = threading.Event()
         if not lead:
-            slot.event.wait()
+            event.wait()
             if slot.done:
                 return slot.result()
         # this thread leads: send one batch (its own call is in it), then pass the lane on
@@ -82,11 +86,12 @@ class SyncLanes:
             for s in batch:
                 if not s.done:  # only on a bug: never leave a caller hanging
                     s.settle(False, StateError("internal error while sending a batch"))
-                if s is not slot:
+                if s is not slot and s.event is not None:
                     s.event.set()
             with self.lock:
                 waiting = self.queues.get(shard)
                 if waiting:
+                    assert waiting[0].event is not None  # it queued while the lane was busy
                     waiting[0].event.set()  # the next waiter sends the next batch
                 else:
                     self.busy.discard(shard)
@@ -162,10 +167,9 @@ class AsyncLanes:
             size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
             size = fits(request_sizes(slot.req for slot, _ in lane.queue[:size]))
             batch, lane.queue = lane.queue[:size], lane.queue[size:]
-            batch = _picklable(batch)
+            batch, packed = _packed(batch)
             if not batch:
                 continue
-            packed = pack([slot.req.cmd for slot, _ in batch])
             try:
                 pending: Any = link.submit(lane.shard, packed, lane.name, lane.resume)
             except StateError as exc:
@@ -245,18 +249,19 @@ def _resubmit(link: ClusterLink, shard: int, packed: bytes, lane: str) -> Any:
         return exc
 
 
-def _picklable(calls: list[_Call]) -> list[_Call]:
-    """The calls whose command can be pickled; the others fail with :class:`InvalidInput`."""
-    kept = picklable([slot for slot, _ in calls])
+def _packed(calls: list[_Call]) -> tuple[list[_Call], bytes]:
+    """``(the calls whose command can be pickled, their packed batch)``; the others fail with
+    :class:`InvalidInput`."""
+    kept, packed = packed_batch([slot for slot, _ in calls])
     if len(kept) == len(calls):
-        return calls
+        return calls, packed
     out = []
     for slot, fut in calls:
         if slot.done:
             fut.set_exception(slot.value)
         else:
             out.append((slot, fut))
-    return out
+    return out, packed
 
 
 def _resolve_all(calls: Sequence[_Call], error: BaseException) -> None:

@@ -335,19 +335,21 @@ def deliver(link: ClusterLink, shard: int, slots: list[Slot]) -> Proc:
     """Send queued calls to ``shard`` in order, in batches of a bounded size, until every one is
     settled (a call whose operand cannot be pickled fails alone)."""
     while slots:
-        count = fits(request_sizes(s.req for s in slots))
+        count = 1 if len(slots) == 1 else fits(request_sizes(s.req for s in slots))
         batch, slots = slots[:count], slots[count:]
-        batch = picklable(batch)
+        batch, packed = packed_batch(batch)
         while batch:
-            batch = yield from exchange(link, shard, batch, pack([s.req.cmd for s in batch]))
+            batch = yield from exchange(link, shard, batch, packed)
+            if batch:  # a deferred tail: send it again
+                packed = pack([s.req.cmd for s in batch])
     return None
 
 
-def picklable(slots: list[Slot]) -> list[Slot]:
-    """The slots whose command can be pickled; the others fail with :class:`InvalidInput`."""
+def packed_batch(slots: list[Slot]) -> tuple[list[Slot], bytes]:
+    """``(the slots whose command can be pickled, their packed batch)``; the others fail with
+    :class:`InvalidInput`."""
     try:
-        pack([s.req.cmd for s in slots])
-        return slots
+        return slots, pack([s.req.cmd for s in slots])
     except InvalidInput:
         pass
     kept = []
@@ -357,7 +359,7 @@ def picklable(slots: list[Slot]) -> list[Slot]:
             kept.append(slot)
         except InvalidInput as exc:
             slot.settle(False, exc)
-    return kept
+    return kept, (pack([s.req.cmd for s in kept]) if kept else b"")
 
 
 def call_many(link: ClusterLink, reqs: Sequence[Request]) -> Proc:

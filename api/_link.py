@@ -25,6 +25,7 @@ from shardstate._transport import (
     Endpoint,
     ShardGone,
     SyncConnections,
+    Target,
     node_ip,
     reachable,
     receive,
@@ -46,14 +47,22 @@ class ShardView(NamedTuple):
     shards: list[Any]
     endpoints: tuple[Endpoint | None, ...] = ()
     fetched: float = 0.0
+    #: per shard what this process connects to (None: its Ray handle)
+    targets: tuple[Target | None, ...] = ()
+    #: every shard has a connection this process can use
+    complete: bool = False
 
     def shard_for(self, group_id: str) -> Any:
         """The handle of the shard owning ``group_id``."""
         return self.shards[self.owners[slot_of(group_id)]]
 
     def endpoint(self, shard: int) -> Endpoint | None:
-        """Where to connect to ``shard``, or None (use its Ray handle)."""
+        """Where ``shard``'s connection listens, or None (use its Ray handle)."""
         return self.endpoints[shard] if shard < len(self.endpoints) else None
+
+    def target(self, shard: int) -> Target | None:
+        """What this process connects to for ``shard``, or None (use its Ray handle)."""
+        return self.targets[shard] if shard < len(self.targets) else None
 
 
 class ClusterLink:
@@ -129,8 +138,16 @@ class ClusterLink:
                 found if reachable(found, self.my_ip) else None
                 for found in (None if e is None else Endpoint(*e) for e in snapshot["endpoints"])
             )
+            targets = tuple(None if e is None else e.target(self.my_ip) for e in endpoints)
+            complete = None not in endpoints and len(endpoints) == len(snapshot["handles"])
             view = ShardView(
-                snapshot["epoch"], tuple(snapshot["owners"]), snapshot["handles"], endpoints, time.monotonic()
+                snapshot["epoch"],
+                tuple(snapshot["owners"]),
+                snapshot["handles"],
+                endpoints,
+                time.monotonic(),
+                targets,
+                complete,
             )
         else:
             epoch, owners, handles = snapshot
@@ -142,11 +159,7 @@ class ClusterLink:
 
     def _stale(self, view: ShardView) -> bool:
         """A socket map in which some shard had no connection, fetched more than :data:`RECHECK` ago."""
-        return (
-            self.transport == "socket"
-            and time.monotonic() - view.fetched > RECHECK
-            and (len(view.endpoints) < len(view.shards) or None in view.endpoints)
-        )
+        return not view.complete and self.transport == "socket" and time.monotonic() - view.fetched > RECHECK
 
     def current(self) -> ShardView:
         """The cached map, fetched (blocking) on first use."""
@@ -240,18 +253,16 @@ class ClusterLink:
         return Unavailable(f"state cluster {self.cluster!r} is unavailable: {type(exc).__name__}: {exc}")
 
     # -- sending (blocking) ----------------------------------------------------------------------
-    def _route(self, shard: int) -> tuple[ShardView, Endpoint | None]:
-        self.check_open()
-        view = self.view or self.refresh()
-        return view, (view.endpoint(shard) if self.connections is not None else None)
-
     def send(self, shard: int, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
         """Send one packed batch to ``shard``; its packed answer. Raises :class:`ShardGone` or
         :class:`Unavailable`."""
-        view, endpoint = self._route(shard)
-        if endpoint is not None and self.connections is not None:
+        if self.closed:
+            self.check_open()
+        view = self.view or self.refresh()
+        target = view.target(shard)
+        if target is not None and self.connections is not None:
             try:
-                return self.connections.call(shard, endpoint, packed, lane, resume)
+                return self.connections.call(shard, target, packed, lane, resume)
             except ShardGone:
                 raise
             except Exception as exc:
@@ -271,11 +282,11 @@ class ClusterLink:
         view = self.view or self.refresh()
         out: list[bytes | BaseException | None] = [None] * len(calls)
         refs: dict[int, Any] = {}
-        sockets: list[tuple[int, tuple[int, Endpoint, bytes]]] = []
+        sockets: list[tuple[int, tuple[int, Target, bytes]]] = []
         for i, (shard, packed) in enumerate(calls):
-            endpoint = view.endpoint(shard) if self.connections is not None else None
-            if endpoint is not None:
-                sockets.append((i, (shard, endpoint, packed)))
+            target = view.target(shard) if self.connections is not None else None
+            if target is not None:
+                sockets.append((i, (shard, target, packed)))
             else:
                 refs[i] = _ray_call(view.shards[shard], packed, None, False)
         if sockets and self.connections is not None:
@@ -299,19 +310,19 @@ class ClusterLink:
         view = self.view
         if view is None:
             raise RuntimeError("submit() before the shard map was fetched")
-        endpoint = view.endpoint(shard) if self.secret is not None else None
-        if endpoint is None:
+        target = view.target(shard) if self.secret is not None else None
+        if target is None:
             return _ray_call(view.shards[shard], packed, lane, resume)
         loop = asyncio.get_running_loop()
         conns = self._async.get(loop)
         if conns is None:
             conns = self._async[loop] = {}
         conn = conns.get(shard)
-        if conn is None or conn.broken is not None or conn.endpoint != endpoint:
+        if conn is None or conn.broken is not None or conn.target != target:
             if conn is not None:
                 conn.close()
             assert self.secret is not None
-            conn = conns[shard] = AsyncConnection(shard, endpoint, self.secret, self.my_ip)
+            conn = conns[shard] = AsyncConnection(shard, target, self.secret)
         return conn.submit(packed, lane, resume)
 
     async def receive(self, pending: Any) -> bytes:

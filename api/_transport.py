@@ -50,6 +50,10 @@ class ShardGone(Exception):
     """The shard went away mid-call (died, restarting, moved): retry the batch after a backoff."""
 
 
+#: what a client connects to: ``(host, port)``, or a Unix socket's path
+Target = tuple[str, int] | str
+
+
 class Endpoint(NamedTuple):
     """Where a shard's own connection listens, the IP of the node it runs on, and its Unix socket
     (for clients on the same machine)."""
@@ -59,7 +63,7 @@ class Endpoint(NamedTuple):
     node_ip: str | None
     path: str | None = None
 
-    def target(self, my_ip: str | None) -> tuple[str, int] | str:
+    def target(self, my_ip: str | None) -> Target:
         """What this process connects to: the Unix socket when it is on the shard's node (and the
         socket file is here), else ``(host, port)``."""
         here = my_ip is not None and self.node_ip == my_ip
@@ -108,8 +112,7 @@ class SyncConnections:
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
-    def _checkout(self, shard: int, endpoint: Endpoint) -> ShardConnection:
-        target = endpoint.target(self.my_ip)
+    def _checkout(self, shard: int, target: Target) -> ShardConnection:
         with self._lock:
             if self._pid != os.getpid():  # a forked child must not share its parent's sockets
                 self._idle, self._pid = {}, os.getpid()
@@ -124,7 +127,7 @@ class SyncConnections:
         except AuthenticationError:
             raise
         except (OSError, WireError) as exc:
-            where = target if isinstance(target, str) else f"{endpoint.host}:{endpoint.port}"
+            where = target if isinstance(target, str) else f"{target[0]}:{target[1]}"
             raise ShardGone(f"cannot connect to shard {shard} at {where}: {exc}") from exc
 
     def _checkin(self, shard: int, conn: ShardConnection) -> None:
@@ -135,9 +138,9 @@ class SyncConnections:
                 return
         conn.close()
 
-    def call(self, shard: int, endpoint: Endpoint, packed: bytes, lane: str | None, resume: bool) -> bytes:
-        """Send one packed batch to ``shard`` and return its packed results."""
-        conn = self._checkout(shard, endpoint)
+    def call(self, shard: int, target: Target, packed: bytes, lane: str | None, resume: bool) -> bytes:
+        """Send one packed batch to ``shard`` (at ``target``) and return its packed results."""
+        conn = self._checkout(shard, target)
         try:
             answer = conn.call(packed, lane, resume)
         except TimeoutError as exc:
@@ -147,16 +150,14 @@ class SyncConnections:
         self._checkin(shard, conn)
         return answer
 
-    def call_many(
-        self, calls: Sequence[tuple[int, Endpoint, bytes]]
-    ) -> list[bytes | BaseException]:
+    def call_many(self, calls: Sequence[tuple[int, Target, bytes]]) -> list[bytes | BaseException]:
         """Send several batches (to different shards) at once, then collect every answer, in order.
 
         Each answer is the packed results, or the exception its call raised."""
         opened: list[tuple[ShardConnection | None, BaseException | None]] = []
-        for shard, endpoint, packed in calls:
+        for shard, target, packed in calls:
             try:
-                conn = self._checkout(shard, endpoint)
+                conn = self._checkout(shard, target)
             except BaseException as exc:
                 opened.append((None, exc))
                 continue
@@ -206,10 +207,9 @@ class AsyncConnection:
     :class:`ShardGone` and the connection is done: make a new one.
     """
 
-    def __init__(self, shard: int, endpoint: Endpoint, secret: bytes, my_ip: str | None = None) -> None:
+    def __init__(self, shard: int, target: Target, secret: bytes) -> None:
         self.shard = shard
-        self.endpoint = endpoint
-        self.target = endpoint.target(my_ip)
+        self.target = target
         self.secret = secret
         self.broken: BaseException | None = None
         self._pending: collections.deque[asyncio.Future[bytes]] = collections.deque()

@@ -16,7 +16,7 @@ redis-server is started here on 127.0.0.1 (an ephemeral port, AOF everysec in a 
 it (or redis-py) the Redis rows say "skipped". Prints the tables and writes
 ``bench/results/compare.json``.
 
-    python -m bench.compare [--tasks 5000] [--latency-ops 2000] [--updates 50000]
+    python -m bench.compare [--tasks 5000] [--rounds 3] [--latency-ops 2000] [--updates 50000]
 """
 
 from __future__ import annotations
@@ -163,6 +163,7 @@ async def hot_key(cluster: str, transport: str, total: int, concurrency: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3, help="fan-in rounds (the median is reported)")
     parser.add_argument("--latency-ops", type=int, default=2000)
     parser.add_argument("--updates", type=int, default=50_000, help="hot-key increments")
     parser.add_argument("--concurrency", type=int, default=2000)
@@ -211,19 +212,23 @@ def main(argv: list[str] | None = None) -> int:
             ]
         for make in cases.values():  # warm every worker and connection first
             ray.get(make(f"warm-{time.monotonic_ns()}")[:200])
-        seconds: dict[str, float] = {}
+        runs: dict[str, list[float]] = {name: [] for name in cases}
         jobs: dict[str, str] = {}
-        for name, make in cases.items():
-            jobs[name] = f"job-{time.monotonic_ns()}"
-            seconds[name] = timed_tasks(lambda make=make, name=name: make(jobs[name]))
+        for _ in range(args.rounds):  # interleaved rounds: the machine's noise hits every case alike
+            for name, make in cases.items():
+                jobs[name] = f"job-{time.monotonic_ns()}"
+                runs[name].append(timed_tasks(lambda make=make, name=name: make(jobs[name])))
+        seconds = {name: statistics.median(took) for name, took in runs.items()}
         floor = seconds["no-op tasks (floor)"]
         for name, took in seconds.items():
             figures[f"fan-in: {name}"] = rate(n, took)
-            row(table, name, f"{rate(n, took):,.0f} tasks/s", f"{took:.2f}s, {took / floor:.2f}x the floor")
+            spread = f"{min(runs[name]):.2f}-{max(runs[name]):.2f}s"
+            note = f"median {took:.2f}s ({spread}), {took / floor:.2f}x the floor"
+            row(table, name, f"{rate(n, took):,.0f} tasks/s", note)
         state = clients["socket"]
         for t in TRANSPORTS:  # the results are exact
             keyed = jobs[f"shardstate {t}: key per task + counter"]
-            assert state.get(keyed, "progress") == {"done": n}
+            assert state.get(keyed, "progress") == {"done": n}  # the last round's jobs
             assert len(state.items(keyed)) == n + 1
             assert state.get(jobs[f"shardstate {t}: one document"], "result")["done"] == n
             assert state.get(jobs[f'shardstate {t}: one document, returning="none"'], "result")["done"] == n

@@ -112,9 +112,17 @@ def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> bytes:
 
 
 def _recv_exactly(sock: socket.socket, size: int, between_frames: bool = False) -> bytes:
+    first = sock.recv(min(size, 65536))  # the common case: one recv brings it all
+    if len(first) == size:
+        return first
     buf = bytearray(size)
     view = memoryview(buf)
-    got = 0
+    got = len(first)
+    view[:got] = first
+    if got == 0 and size:
+        if between_frames:
+            raise ConnectionClosed("the peer closed the connection")
+        raise WireError(f"connection closed after 0 of {size} bytes")
     while got < size:
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
