@@ -25,6 +25,7 @@ runs ahead of disk) and the shard stays up read-only until a probe commit works 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import sys
@@ -45,7 +46,7 @@ from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
 from shardstate.shards.records import Event
 from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
-from shardstate.shards.wire import MAX_FRAME, WireServer
+from shardstate.shards.wire import MAX_FRAME, WireServer, private_socket_path
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
@@ -184,7 +185,10 @@ class ShardActor:
 
         Every request runs :meth:`run`, under the same engine lock as the Ray calls."""
         if self._wire is None:
-            self._wire = WireServer(host, secret, self.run, unix=True)
+            # one socket file per shard of a cluster: a restarted shard replaces its predecessor's
+            name = hashlib.sha1(f"{self.cluster}/{self.cluster_id}".encode()).hexdigest()[:16]
+            unix = private_socket_path(f"{name}-{self.index}.sock")
+            self._wire = WireServer(host, secret, self.run, unix=unix)
         return self._wire.address
 
     def address(self) -> tuple[str, int] | None:

@@ -290,7 +290,7 @@ class WireServer:
     """
 
     def __init__(
-        self, host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool = False
+        self, host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool | str = False
     ) -> None:
         self.secret = secret
         self.handler = handler
@@ -308,9 +308,15 @@ class WireServer:
         #: a Unix socket for clients on this machine (in a new directory only this user can enter)
         self.path: str | None = None
         self._unix: socket.socket | None = None
+        self._own_directory = False
         if unix and hasattr(socket, "AF_UNIX"):
-            directory = tempfile.mkdtemp(prefix="shardstate-wire-")  # mode 0700
-            self.path = os.path.join(directory, "shard.sock")
+            if isinstance(unix, str):  # the caller's path, in a directory only its user can enter
+                self.path = unix
+            else:
+                self.path = os.path.join(tempfile.mkdtemp(prefix="shardstate-wire-"), "shard.sock")
+                self._own_directory = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # a socket file left behind by an earlier (killed) process
             self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._unix.bind(self.path)
             self._unix.listen(128)
@@ -400,8 +406,9 @@ class WireServer:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(self.path))
+            if self._own_directory:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.path))
         for sock in open_now:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -409,9 +416,11 @@ class WireServer:
             thread.join(5)
 
 
-def serve(host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool = False) -> WireServer:
+def serve(
+    host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool | str = False
+) -> WireServer:
     """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given; and a
-    Unix socket if ``unix``)."""
+    Unix socket if ``unix``: at that path, or in a new private directory if True)."""
     return WireServer(host, secret, handler, port, unix)
 
 
@@ -481,3 +490,18 @@ class ShardConnection:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def private_socket_path(name: str) -> str | bool:
+    """Where a process of this user keeps a Unix socket called ``name``: in
+    ``<tmp>/shardstate-<uid>/`` (made with mode 0700, and used only if this user owns it and nobody
+    else can enter). True (a new private directory) if that directory cannot be trusted."""
+    base = os.path.join(tempfile.gettempdir(), f"shardstate-{os.getuid()}")
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        info = os.lstat(base)
+    except OSError:
+        return True
+    if not os.path.isdir(base) or os.path.islink(base) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return True
+    return os.path.join(base, name)
