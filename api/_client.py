@@ -1,157 +1,48 @@
-"""``StateClient`` (sync) and ``AsyncStateClient``: the public API, routed straight to shard actors.
+"""``StateClient`` (sync) and ``AsyncStateClient``: the public API, two thin fronts on one core.
 
 A client fetches the cluster's shard map from the router once and then sends each call to the shard
-that owns the group: the router is not on the data path. A shard that no longer owns a group answers
-:class:`StaleShardMap`; the client refetches the map and retries. Both clients share one
-:class:`ClusterLink` and the request builders of ``_requests``, so they check and decode identically.
+that owns the group, over the shard's own authenticated connection (or as a Ray actor call with
+``transport="ray"``): the router is not on the data path. Everything between a call and its answer
+(routing, coalescing into batches, retries while a shard restarts, redirects, deferrals, decoding)
+is the client core in ``_core``, written once; the two fronts differ only in how they wait
+(blocking, or awaiting). Request builders (``_requests``) check input before anything is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import threading
-import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple, overload
+from typing import Any, Literal, overload
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import GetTimeoutError, RayError
 
-from shardstate import _triggers
-from shardstate._coalesce import AsyncLanes, Slot, SyncLanes, async_lanes, fits, pack, unpack
-from shardstate._errors import Deferred, ShardLoading, StaleShardMap, StateError, Unavailable
+from shardstate import _core, _triggers
+from shardstate._coalesce import async_lanes, sync_lanes
+from shardstate._link import ClusterLink, ShardView
 from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
 from shardstate._requests import (
-    GROUPS_COMMAND,
     Page,
     Request,
     clear_request,
-    decode_payload,
     delete_request,
     entry_request,
     get_request,
     items_request,
     list_request,
-    merge_groups,
-    next_page,
-    request_bytes,
     set_request,
     update_request,
 )
-from shardstate._retry import Backoff
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.validation import check_name
+
+__all__ = ["AsyncStateClient", "ClusterLink", "ShardView", "StateClient"]
 
 #: What a write answers: both values (default), only the new or the old one, or nothing.
 Returning = Literal["both", "new", "old", "none"]
 _Values = Literal["both", "new", "old"]
-
-#: How many times a call follows a "stale shard map" answer before giving up.
-MAX_REDIRECTS = 5
-
-
-class ShardView(NamedTuple):
-    """A snapshot of the router's shard map."""
-
-    epoch: int
-    owners: tuple[int, ...]
-    shards: list[Any]
-
-    def shard_for(self, group_id: str) -> Any:
-        """The handle of the shard owning ``group_id``."""
-        return self.shards[self.owners[slot_of(group_id)]]
-
-
-class ClusterLink:
-    """One process's connection to one state cluster: router handle, settings, cached shard map."""
-
-    def __init__(
-        self, cluster: str, router: Any, config: dict[str, Any], timeout: float, retry_timeout: float = 60.0
-    ) -> None:
-        self.cluster = cluster
-        self.router = router
-        self.config = config
-        self.timeout = timeout
-        self.retry_timeout = retry_timeout
-        self.max_value_size: int = config["max_value_size"]
-        self.closed = False
-        self._lock = threading.Lock()
-        self.lanes = SyncLanes(self)
-        #: the asyncio lanes last used, with their loop (see ``async_lanes``)
-        self.async_lanes: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncLanes] | None = None
-        self.view: ShardView | None = None
-        #: shard -> when it was first found loading (cleared by its next answer)
-        self.loading_since: dict[int, float] = {}
-
-    def wait_for_load(self, shard: int, error: ShardLoading) -> float:
-        """Seconds to wait before sending to a loading shard again; ``Unavailable`` once it has been
-        loading for longer than ``retry_timeout``."""
-        self.check_open()
-        since = self.loading_since.setdefault(shard, time.monotonic())
-        if time.monotonic() - since > self.retry_timeout:
-            self.loading_since.pop(shard, None)
-            raise Unavailable(
-                f"a shard of state cluster {self.cluster!r} did not finish loading within "
-                f"{self.retry_timeout}s: {error}"
-            )
-        return 0.05
-
-    def check_open(self) -> None:
-        """Raise :class:`Unavailable` if this link was closed (e.g. by ``shutdown()``)."""
-        if self.closed:
-            raise Unavailable(f"state cluster {self.cluster!r} was shut down (or this client was closed)")
-
-    def _adopt(self, snapshot: tuple[int, tuple[int, ...], list[Any]]) -> ShardView:
-        with self._lock:
-            if self.view is None or snapshot[0] >= self.view.epoch:
-                self.view = ShardView(*snapshot)
-            return self.view
-
-    def current(self) -> ShardView:
-        """The cached map, fetched (sync) on first use."""
-        view = self.view
-        return view if view is not None else self.refresh()
-
-    def refresh(self) -> ShardView:
-        """Fetch the map from the router (blocking)."""
-        self.check_open()
-        try:
-            return self._adopt(ray.get(self.router.shard_map.remote(), timeout=self.timeout))
-        except (RayError, GetTimeoutError) as exc:
-            raise self.unavailable(exc) from exc
-
-    async def refresh_async(self) -> ShardView:
-        """Fetch the map from the router (awaitable)."""
-        self.check_open()
-        try:
-            snapshot = await asyncio.wait_for(self.router.shard_map.remote(), self.timeout)
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise self.unavailable(exc) from exc
-        return self._adopt(snapshot)
-
-    def unavailable(self, exc: BaseException) -> Unavailable:
-        """Translate a Ray failure into :class:`Unavailable`."""
-        if isinstance(exc, (GetTimeoutError, asyncio.TimeoutError)):
-            return Unavailable(f"state cluster {self.cluster!r} did not answer within {self.timeout}s")
-        if isinstance(exc, RayActorError):
-            return Unavailable(f"a shard of state cluster {self.cluster!r} is unavailable: {exc}")
-        return Unavailable(f"state cluster {self.cluster!r} is unavailable: {type(exc).__name__}: {exc}")
-
-
-def _follow(result: tuple[bool, Any], req: Request) -> tuple[bool, Any]:
-    """``(done, value)``: decode an ok result, raise an error result, or ask to retry (a redirect,
-    or a shard still loading: the value is then that error)."""
-    ok, payload = result
-    if ok:
-        return True, decode_payload(req, payload)
-    if isinstance(payload, (StaleShardMap, ShardLoading, Deferred)):
-        return False, payload
-    if isinstance(payload, StateError):
-        raise payload
-    raise StateError(f"shard returned a malformed result: {payload!r}")
 
 
 class _ClientBase:
@@ -169,8 +60,13 @@ class _ClientBase:
 
     @property
     def config(self) -> dict[str, Any]:
-        """The cluster's settings (name, shards, storage, max_value_size)."""
+        """The cluster's settings (name, shards, storage, max_value_size, ...)."""
         return dict(self._link.config)
+
+    @property
+    def transport(self) -> str:
+        """How calls reach the shards: ``"socket"`` (their own connections) or ``"ray"``."""
+        return self._link.transport
 
     @property
     def router(self) -> Any:
@@ -184,12 +80,13 @@ class _ClientBase:
 
     def close(self) -> None:
         """Stop using this client (the cluster keeps running); later calls raise ``Unavailable``."""
-        self._link.closed = True
+        self._link.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
         from shardstate._connect import _reattach
 
-        return (_reattach, (self._link.cluster, self._kind, self._link.timeout, self._link.retry_timeout))
+        link = self._link
+        return (_reattach, (link.cluster, self._kind, link.timeout, link.retry_timeout, link.transport))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._link.config.get('shards')} shards"
@@ -207,108 +104,13 @@ class StateClient(_ClientBase):
         """Send ``req`` through its shard's lane (coalesced with concurrent calls of this process)."""
         link = self._link
         link.check_open()
-        shard = link.current().owners[slot_of(req.group_id)]
-        value = link.lanes.call(shard, req, self._run_direct)
-        return self._rest(value) if isinstance(value, Page) else value
-
-    def _rest(self, page: Page) -> builtins.list[Any]:
-        """All rows of a paged ``list``/``items`` answer, from its first page on."""
-        rows = builtins.list(page.rows)
-        value: Any = page
-        while isinstance(value, Page):
-            link = self._link
-            req = next_page(value)
-            value = link.lanes.call(link.current().owners[slot_of(req.group_id)], req, self._run_direct)
-            rows.extend(value.rows if isinstance(value, Page) else value)
-        return rows
-
-    def _run_direct(self, req: Request) -> Any:
-        """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
-        link = self._link
-        link.check_open()
-        backoff: Backoff | None = None
-        redirects = 0
-        while True:
-            shard = link.current().shard_for(req.group_id)
-            try:
-                (result,) = unpack(ray.get(shard.run.remote(pack([req.cmd])), timeout=link.timeout))
-            except RayActorError as exc:  # the shard died mid-call: it restarts from storage
-                backoff = backoff or Backoff(link)
-                time.sleep(backoff.next_delay(exc))
-                continue
-            except (RayError, GetTimeoutError) as exc:
-                link.check_open()
-                raise link.unavailable(exc) from exc
-            done, value = _follow(result, req)
-            if done:
-                return value
-            if isinstance(value, (ShardLoading, Deferred)):  # wait (within retry_timeout), then again
-                backoff = backoff or Backoff(link)
-                time.sleep(backoff.next_delay(value))
-                continue
-            redirects += 1
-            if redirects >= MAX_REDIRECTS:
-                raise Unavailable(
-                    f"shard map of {link.cluster!r} kept changing; gave up after {redirects} tries"
-                )
-            link.refresh()
+        value = sync_lanes(link).call(link.current().owners[slot_of(req.group_id)], req)
+        return _core.run_sync(link, _core.rest(link, value)) if isinstance(value, Page) else value
 
     def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
-
-        Requests larger together than a batch's byte budget leave in several rounds, in order.
-        """
-        out: builtins.list[tuple[bool, Any]] = []
-        while len(out) < len(reqs):
-            count = fits([request_bytes(r) for r in reqs[len(out) :]])
-            out.extend(self._run_round(reqs[len(out) : len(out) + count]))
-        return out
-
-    def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        link = self._link
-        link.check_open()
-        view = link.current()
-        by_shard: dict[int, builtins.list[int]] = {}
-        for i, req in enumerate(reqs):
-            by_shard.setdefault(view.owners[slot_of(req.group_id)], []).append(i)
-        out: builtins.list[tuple[bool, Any]] = [(False, None)] * len(reqs)
-        backoff: Backoff | None = None
-        pending = by_shard
-        packed = {s: pack([reqs[i].cmd for i in idx]) for s, idx in by_shard.items()}  # before any send
-        while pending:
-            refs = {s: view.shards[s].run.remote(packed[s]) for s in pending}
-            failed: dict[int, builtins.list[int]] = {}
-            for s, ref in refs.items():
-                try:
-                    results = unpack(ray.get(ref, timeout=link.timeout))
-                except RayActorError as exc:
-                    backoff = backoff or Backoff(link)
-                    time.sleep(backoff.next_delay(exc))
-                    failed[s] = pending[s]
-                    continue
-                except (RayError, GetTimeoutError) as exc:
-                    raise link.unavailable(exc) from exc
-                if len(results) != len(pending[s]):  # the shard could not take the batch whole
-                    results = [(False, StaleShardMap("resent on its own"))] * len(pending[s])
-                deferred = [i for i, r in zip(pending[s], results, strict=True) if isinstance(r[1], Deferred)]
-                if deferred:  # the answer was large, or the shard is loading: send the rest again
-                    failed[s] = deferred
-                    packed[s] = pack([reqs[i].cmd for i in deferred])
-                    loading = results[len(results) - len(deferred)][1]
-                    if isinstance(loading, ShardLoading):
-                        time.sleep(link.wait_for_load(s, loading))
-                for i, result in zip(pending[s], results, strict=True):
-                    if isinstance(result[1], Deferred):
-                        continue
-                    try:
-                        done, value = _follow(result, reqs[i])
-                        out[i] = (True, value) if done else (True, self._run_direct(reqs[i]))
-                        if isinstance(out[i][1], Page):
-                            out[i] = (True, self._rest(out[i][1]))
-                    except StateError as exc:
-                        out[i] = (False, exc)
-            pending = failed
-        return out
+        """Send many requests, one batch per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        self._link.check_open()
+        return _core.run_sync(self._link, _core.call_many(self._link, reqs))  # type: ignore[no-any-return]
 
     @overload
     def set(
@@ -450,13 +252,8 @@ class StateClient(_ClientBase):
 
     def list_groups(self) -> builtins.list[str]:
         """Every non-empty group of the cluster, sorted (asks every shard)."""
-        link = self._link
-        link.check_open()
-        try:
-            refs = [s.execute.remote([GROUPS_COMMAND]) for s in link.current().shards]
-            return merge_groups([r[0] for r in ray.get(refs, timeout=link.timeout)])
-        except (RayError, GetTimeoutError) as exc:
-            raise link.unavailable(exc) from exc
+        self._link.check_open()
+        return _core.run_sync(self._link, _core.list_groups(self._link))  # type: ignore[no-any-return]
 
     def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""
@@ -577,54 +374,14 @@ class AsyncStateClient(_ClientBase):
         """Send ``req`` through its shard's lane on this event loop (coalesced with concurrent calls)."""
         link = self._link
         link.check_open()
-        view = link.view or await link.refresh_async()
-        shard = view.owners[slot_of(req.group_id)]
-        value = await async_lanes(link).call(shard, req, self._run_direct)
-        return await self._rest(value) if isinstance(value, Page) else value
+        view = link.view_now() or await link.refresh_async()  # no wait once known: calls queue in order
+        value = await async_lanes(link).call(view.owners[slot_of(req.group_id)], req)
+        return await _core.run_async(link, _core.rest(link, value)) if isinstance(value, Page) else value
 
-    async def _rest(self, page: Page) -> builtins.list[Any]:
-        """All rows of a paged ``list``/``items`` answer, from its first page on."""
-        rows = builtins.list(page.rows)
-        value: Any = page
-        while isinstance(value, Page):
-            link = self._link
-            req = next_page(value)
-            shard = (link.view or await link.refresh_async()).owners[slot_of(req.group_id)]
-            value = await async_lanes(link).call(shard, req, self._run_direct)
-            rows.extend(value.rows if isinstance(value, Page) else value)
-        return rows
-
-    async def _run_direct(self, req: Request) -> Any:
-        """Send ``req`` alone (following redirects, retrying while its shard restarts)."""
-        link = self._link
-        link.check_open()
-        view = link.view or await link.refresh_async()
-        backoff: Backoff | None = None
-        redirects = 0
-        while True:
-            shard = view.shard_for(req.group_id)
-            try:
-                (result,) = unpack(await asyncio.wait_for(shard.run.remote(pack([req.cmd])), link.timeout))
-            except RayActorError as exc:  # the shard died mid-call: it restarts from storage
-                backoff = backoff or Backoff(link)
-                await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, exc))
-                continue
-            except (RayError, asyncio.TimeoutError) as exc:
-                link.check_open()
-                raise link.unavailable(exc) from exc
-            done, value = _follow(result, req)
-            if done:
-                return value
-            if isinstance(value, (ShardLoading, Deferred)):  # wait (within retry_timeout), then again
-                backoff = backoff or Backoff(link)
-                await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, value))
-                continue
-            redirects += 1
-            if redirects >= MAX_REDIRECTS:
-                raise Unavailable(
-                    f"shard map of {link.cluster!r} kept changing; gave up after {redirects} tries"
-                )
-            view = await link.refresh_async()
+    async def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
+        """Send many requests, one batch per shard; ``(True, value)`` or ``(False, error)`` each, in order."""
+        self._link.check_open()
+        return await _core.run_async(self._link, _core.call_many(self._link, reqs))  # type: ignore[no-any-return]
 
     @overload
     async def set(
@@ -766,16 +523,8 @@ class AsyncStateClient(_ClientBase):
 
     async def list_groups(self) -> builtins.list[str]:
         """Every non-empty group of the cluster, sorted (asks every shard)."""
-        link = self._link
-        link.check_open()
-        view = link.view or await link.refresh_async()
-        try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(s.execute.remote([GROUPS_COMMAND]) for s in view.shards)), link.timeout
-            )
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise link.unavailable(exc) from exc
-        return merge_groups([r[0] for r in results])
+        self._link.check_open()
+        return await _core.run_async(self._link, _core.list_groups(self._link))  # type: ignore[no-any-return]
 
     async def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""
@@ -802,40 +551,6 @@ class AsyncStateClient(_ClientBase):
     async def get_many(self, group_id: str, keys: Sequence[str]) -> builtins.list[Any]:
         """The values of many keys of one group (None where absent), in one call."""
         return first_error(await self._run_many([get_request(group_id, k) for k in keys]))
-
-    async def _run_many(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        """Send many requests, one call per shard; ``(True, value)`` or ``(False, error)`` each, in order.
-
-        Requests larger together than a batch's byte budget leave in several rounds, in order.
-        """
-        out: builtins.list[tuple[bool, Any]] = []
-        while len(out) < len(reqs):
-            count = fits([request_bytes(r) for r in reqs[len(out) :]])
-            out.extend(await self._run_round(reqs[len(out) : len(out) + count]))
-        return out
-
-    async def _run_round(self, reqs: Sequence[Request]) -> builtins.list[tuple[bool, Any]]:
-        link = self._link
-        link.check_open()
-        view = link.view or await link.refresh_async()
-        lanes = AsyncLanes(link)  # a private lane set: one batch per shard, sent at once
-        by_shard: dict[int, builtins.list[Slot]] = {}
-        slots = [Slot(req) for req in reqs]
-        for slot in slots:
-            by_shard.setdefault(view.owners[slot_of(slot.req.group_id)], []).append(slot)
-        # packed before any send: a call that cannot be pickled fails the whole bulk call, sending nothing
-        packed = {s: pack([slot.req.cmd for slot in batch]) for s, batch in by_shard.items()}
-        await asyncio.gather(
-            *(lanes.send(s, batch, packed[s], self._run_direct) for s, batch in by_shard.items())
-        )
-        out = [(slot.ok, slot.value) for slot in slots]
-        for i, (ok, value) in enumerate(out):
-            if ok and isinstance(value, Page):
-                try:
-                    out[i] = (True, await self._rest(value))
-                except StateError as exc:
-                    out[i] = (False, exc)
-        return out
 
     # -- triggers, watching, waiting (the sync implementation, off the event loop) ---------------
     def _sync(self) -> StateClient:

@@ -1,46 +1,38 @@
-"""Coalescing: concurrent calls from one process to the same shard travel in one actor call.
+"""Coalescing: concurrent calls from one process to the same shard travel in one batch.
 
 Each shard has a *lane* per process (threads) or per event loop (asyncio). A call that finds its lane
-idle goes out at once, alone: no timer, so a lone call is as fast as before. Calls that arrive while
-the lane is busy queue up and leave together, as one batch. The shard executes a batch in order and
-answers each command separately, so results and errors reach each caller individually.
+idle goes out at once, alone: no timer, so a lone call is as fast as it can be. Calls that arrive
+while the lane is busy queue up and leave together, as one batch. The shard executes a batch in
+order and answers each command separately, so results and errors reach each caller individually.
 
 - Threads (:class:`SyncLanes`): one batch in flight per lane; the caller that finds the lane idle
   sends, the others wait for their answer or their turn to send the next batch.
 - Asyncio (:class:`AsyncLanes`): up to :data:`MAX_IN_FLIGHT` batches in flight per lane, so the shard
   executes one batch while the client decodes the previous one and its callers queue the next:
-  client and shard work at the same time instead of taking turns. Ray runs one caller's calls to a
-  sync actor in submission order, so a lane's batches execute in the order they were sent.
+  client and shard work at the same time instead of taking turns. A lane's batches travel in send
+  order (one connection per shard and loop answers in order; Ray runs one caller's calls to a sync
+  actor in submission order), so they execute in the order they were sent.
 
-Batches travel packed (:func:`pack`/:func:`unpack`): one ``pickle`` of the command list each way,
-about half the cost of Ray serializing the list object by object.
-
-A batch that fails because its shard died is retried whole, in order (writes carry op_ids, so nothing
-applies twice); a command answered "stale shard map" is re-sent on its own after the map is refreshed.
+What happens to a batch once sent (retries, redirects, deferrals, decoding) is the client core's
+:func:`shardstate._core.exchange`, the same for both kinds of lane and for bulk calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import pickle
 import secrets
 import threading
-import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
-
-from shardstate._errors import Deferred, InvalidInput, ShardLoading, StaleShardMap, StateError
-from shardstate._requests import decode_payload, request_bytes
-from shardstate._retry import Backoff
+from shardstate._core import Slot, deliver, exchange, packed_batch, run_async, run_sync
+from shardstate._errors import StateError
+from shardstate._wireformat import fits, request_sizes
 
 if TYPE_CHECKING:
-    from shardstate._client import ClusterLink
+    from shardstate._link import ClusterLink
     from shardstate._requests import Request
 
 #: batches one asyncio lane keeps in flight to its shard
@@ -49,104 +41,17 @@ MAX_IN_FLIGHT = 3
 MAX_BATCH = 2048
 #: ... but parts are not made smaller than this
 MIN_PART = 64
-#: a batch carries at most about this many bytes of values (a larger queue leaves in several)
-MAX_BATCH_BYTES = 32 * 1024 * 1024
-
-
-def fits(sizes: Sequence[int], limit: int = MAX_BATCH_BYTES) -> int:
-    """How many of the first calls (of these request sizes) go in one batch: at least one."""
-    total = 0
-    for count, size in enumerate(sizes):
-        total += size
-        if total > limit and count > 0:
-            return count
-    return len(sizes)
-
-
-def pack(cmds: Sequence[Any]) -> bytes:
-    """A batch of commands as the bytes ``ShardActor.run`` takes.
-
-    Plain ``pickle`` (fast); ``cloudpickle`` for what only it can pickle (a class defined in a
-    function, say), as Ray itself would. Commands hold only checked, JSON-like values and bytes.
-    """
-    try:
-        return pickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        try:
-            return cloudpickle.dumps(cmds, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
-        except Exception as exc:
-            raise InvalidInput(f"the call could not be pickled: {type(exc).__name__}: {exc}") from None
-
-
-def unpack(packed: bytes) -> list[tuple[bool, Any]]:
-    """The results ``ShardActor.run`` answered."""
-    return pickle.loads(packed)  # type: ignore[no-any-return]
-
-
-class Slot:
-    """One queued call: its request, and (once answered) its value or error."""
-
-    __slots__ = ("req", "done", "ok", "value")
-
-    def __init__(self, req: Request) -> None:
-        self.req = req
-        self.done = False
-        self.ok = False
-        self.value: Any = None
-
-    def result(self) -> Any:
-        if self.ok:
-            return self.value
-        raise self.value
-
-
-def settle(
-    slots: Sequence[Slot], results: Sequence[tuple[bool, Any]], redo: Callable[[Request], Any]
-) -> None:
-    """Give each slot its own decoded value or error; commands the shard did not run (it no longer
-    owns the group, or it is still loading) go to ``redo``.
-
-    If the shard could not take the batch as a whole (it answered one error for many commands, e.g.
-    a value it cannot unpickle), each command is sent again on its own, so only the bad one fails.
-    Every slot gets its own outcome: a value this process cannot decode fails that call alone
-    (:class:`DecodeError`), and the others (committed writes among them) report success.
-    """
-    if len(results) != len(slots):
-        for slot in slots:
-            _outcome(slot, redo, None)
-        return
-    for slot, result in zip(slots, results, strict=True):
-        _outcome(slot, redo, result)
-
-
-def _outcome(slot: Slot, redo: Callable[[Request], Any], result: tuple[bool, Any] | None) -> None:
-    """Settle one slot from its result (None: send it again on its own)."""
-    try:
-        if result is None:
-            slot.value, slot.ok = redo(slot.req), True
-        elif result[0]:
-            slot.value, slot.ok = decode_payload(slot.req, result[1]), True
-        elif isinstance(result[1], (StaleShardMap, ShardLoading, Deferred)):
-            slot.value, slot.ok = redo(slot.req), True
-        elif isinstance(result[1], StateError):
-            slot.value, slot.ok = result[1], False
-        else:
-            slot.value, slot.ok = StateError(f"shard returned a malformed result: {result[1]!r}"), False
-    except StateError as exc:
-        slot.value, slot.ok = exc, False
-    except Exception as exc:  # a bug must not leave this call (or another caller's) without an answer
-        slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
-    slot.done = True
 
 
 class _Waiter(Slot):
-    """A thread's slot: an event to wait on for its answer (or for its turn to send)."""
+    """A thread's slot: an event to wait on for its answer (or for its turn to send); made only
+    for a caller that has to wait (one that finds its lane idle sends at once)."""
 
     __slots__ = ("event",)
 
     def __init__(self, req: Request) -> None:
         super().__init__(req)
-        self.event = threading.Event()
+        self.event: threading.Event | None = None
 
 
 class SyncLanes:
@@ -158,88 +63,50 @@ class SyncLanes:
         self.queues: dict[int, list[_Waiter]] = {}
         self.busy: set[int] = set()
 
-    def call(self, shard: int, req: Request, redo: Callable[[Request], Any]) -> Any:
+    def call(self, shard: int, req: Request) -> Any:
+        """``req``'s decoded value (or its error), sent in a batch with concurrent calls."""
         slot = _Waiter(req)
         with self.lock:
             self.queues.setdefault(shard, []).append(slot)
             lead = shard not in self.busy
-            self.busy.add(shard)
+            if lead:
+                self.busy.add(shard)
+            else:
+                slot.event = event = threading.Event()
         if not lead:
-            slot.event.wait()
+            event.wait()
             if slot.done:
                 return slot.result()
         # this thread leads: send one batch (its own call is in it), then pass the lane on
         with self.lock:
             batch, self.queues[shard] = self.queues[shard], []
         try:
-            self._send(shard, batch, redo)
+            run_sync(self.link, deliver(self.link, shard, list(batch)))
         finally:
             for s in batch:
-                if not s.done:  # only on a bug in _send: never leave a caller hanging
-                    s.value, s.ok, s.done = StateError("internal error while sending a batch"), False, True
-                if s is not slot:
+                if not s.done:  # only on a bug: never leave a caller hanging
+                    s.settle(False, StateError("internal error while sending a batch"))
+                if s is not slot and s.event is not None:
                     s.event.set()
             with self.lock:
                 waiting = self.queues.get(shard)
                 if waiting:
+                    assert waiting[0].event is not None  # it queued while the lane was busy
                     waiting[0].event.set()  # the next waiter sends the next batch
                 else:
                     self.busy.discard(shard)
         return slot.result()
 
-    def _send(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
-        """Send the queued calls, in batches of at most :data:`MAX_BATCH_BYTES`, one after another."""
-        while batch:
-            count = fits([request_bytes(s.req) for s in batch])
-            self._send_one(shard, batch[:count], redo)
-            batch = batch[count:]
 
-    def _send_one(self, shard: int, batch: Sequence[Slot], redo: Callable[[Request], Any]) -> None:
-        link = self.link
-        try:
-            packed = pack([s.req.cmd for s in batch])
-        except InvalidInput:  # an operand nothing can pickle: fail that call, send the others
-            batch = [s for s in batch if _packs(s)]
-            if not batch:
-                return
-            packed = pack([s.req.cmd for s in batch])
-        backoff: Backoff | None = None
-        while True:
-            handle = link.current().shards[shard]
-            try:
-                results = unpack(ray.get(handle.run.remote(packed), timeout=link.timeout))
-            except RayActorError as exc:  # the shard died mid-call: it restarts from storage
-                backoff = backoff or Backoff(link)
-                try:
-                    time.sleep(backoff.next_delay(exc))
-                except StateError as err:
-                    _fail(batch, err)
-                    return
-                continue
-            except (RayError, GetTimeoutError) as exc:
-                _fail(batch, link.unavailable(exc))
-                return
-            cut = _deferred_from(results, len(batch))
-            settle(batch[:cut], results[:cut], redo)
-            if cut == len(batch):
-                link.loading_since.pop(shard, None)
-                return
-            if isinstance(results[cut][1], ShardLoading):
-                try:
-                    time.sleep(link.wait_for_load(shard, results[cut][1]))
-                except StateError as err:
-                    _fail(batch[cut:], err)
-                    return
-            # the answer grew large: the shard ran a head of the batch; send the rest, in order (this
-            # thread still holds the lane, so nothing of this process overtakes it)
-            batch = batch[cut:]
-            packed = pack([s.req.cmd for s in batch])
+_Call = tuple[Slot, "asyncio.Future[Any]"]
 
 
 class _Lane:
     """One shard's queue and in-flight batches on one event loop."""
 
-    __slots__ = ("shard", "queue", "in_flight", "receiver", "flush_due", "name", "fenced", "held", "resume")
+    __slots__ = (
+        "shard", "queue", "in_flight", "receiver", "flush_due", "name", "fenced", "held", "resume", "retrying"
+    )
 
     def __init__(self, shard: int) -> None:
         self.shard = shard
@@ -248,13 +115,14 @@ class _Lane:
         #: with ``resume``, so a deferral never lets a caller's later call overtake an earlier one
         self.name = secrets.token_hex(8)
         self.fenced = False
-        self.held: list[tuple[Slot, asyncio.Future[Any]]] = []
+        self.held: list[_Call] = []
         self.resume = False
-        self.queue: list[tuple[Slot, asyncio.Future[Any]]] = []
-        #: sent batches in send order: (calls, packed commands, the call's ObjectRef)
-        self.in_flight: collections.deque[tuple[list[tuple[Slot, asyncio.Future[Any]]], bytes, Any]] = (
-            collections.deque()
-        )
+        #: the oldest batch is being sent again (its shard went away): nothing new leaves meanwhile,
+        #: and the batches behind it are sent again after it, in order
+        self.retrying = False
+        self.queue: list[_Call] = []
+        #: sent batches in send order: (calls, packed commands, what ``link.receive`` awaits)
+        self.in_flight: collections.deque[tuple[list[_Call], bytes, Any]] = collections.deque()
         self.receiver: asyncio.Task[None] | None = None
         self.flush_due = False
 
@@ -272,7 +140,8 @@ class AsyncLanes:
         self.link = link
         self.lanes: dict[int, _Lane] = {}
 
-    async def call(self, shard: int, req: Request, redo: Callable[[Request], Any]) -> Any:
+    async def call(self, shard: int, req: Request) -> Any:
+        """``req``'s decoded value (or its error), sent in a batch with concurrent calls."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         lane = self.lanes.get(shard)
@@ -281,13 +150,13 @@ class AsyncLanes:
         lane.queue.append((Slot(req), fut))
         if not lane.flush_due and len(lane.in_flight) < MAX_IN_FLIGHT:
             lane.flush_due = True
-            loop.call_soon(self._flush, lane, redo)
+            loop.call_soon(self._flush, lane)
         return await fut
 
-    def _flush(self, lane: _Lane, redo: Callable[[Request], Any]) -> None:
+    def _flush(self, lane: _Lane) -> None:
         """Send what is queued, split over the free in-flight places."""
         lane.flush_due = False
-        if lane.fenced:  # calls were deferred: nothing leaves until they are queued first again
+        if lane.fenced or lane.retrying:  # nothing leaves until the earlier calls went again
             return
         link = self.link
         view = link.view
@@ -296,32 +165,42 @@ class AsyncLanes:
                 break
             free = MAX_IN_FLIGHT - len(lane.in_flight)
             size = min(MAX_BATCH, max(MIN_PART, -(-len(lane.queue) // free)))
-            size = fits([request_bytes(slot.req) for slot, _ in lane.queue[:size]])
+            size = fits(request_sizes(slot.req for slot, _ in lane.queue[:size]))
             batch, lane.queue = lane.queue[:size], lane.queue[size:]
+            batch, packed = _packed(batch)
+            if not batch:
+                continue
             try:
-                packed = pack([slot.req.cmd for slot, _ in batch])
-            except InvalidInput:  # an operand nothing can pickle: fail that call, send the others
-                batch = _picklable(batch)
-                if not batch:
-                    continue
-                packed = pack([slot.req.cmd for slot, _ in batch])
-            args = (packed, lane.name, lane.resume)
+                pending: Any = link.submit(lane.shard, packed, lane.name, lane.resume)
+            except StateError as exc:
+                pending = exc  # the receiver settles the batch with it
             lane.resume = False
-            lane.in_flight.append((batch, packed, view.shards[lane.shard].run.remote(*args)))
+            lane.in_flight.append((batch, packed, pending))
         if lane.receiver is None and (lane.in_flight or lane.queue):
-            lane.receiver = asyncio.get_running_loop().create_task(self._receive(lane, redo))
+            lane.receiver = asyncio.get_running_loop().create_task(self._receive(lane))
 
-    async def _receive(self, lane: _Lane, redo: Callable[[Request], Any]) -> None:
+    async def _receive(self, lane: _Lane) -> None:
+        link = self.link
+
+        def hold() -> None:
+            lane.retrying = True
+
         try:
             while lane.in_flight or lane.queue:
                 if not lane.in_flight:  # queued calls that _flush could not send (no map yet)
                     await self._prepare(lane)
-                    self._flush(lane, redo)
+                    self._flush(lane)
                     continue
-                batch, packed, ref = lane.in_flight[0]
+                batch, packed, pending = lane.in_flight[0]
                 slots = [slot for slot, _ in batch]
-                deferred = await self._await(lane.shard, slots, packed, ref, redo, (lane.name, True))
+                proc = exchange(link, lane.shard, slots, packed, lane.name, first=pending, on_retry=hold)
+                deferred = await run_async(link, proc)
                 lane.in_flight.popleft()
+                if lane.retrying:  # the batches behind it went with the old connection: again, in order
+                    lane.in_flight = collections.deque(
+                        (b, p, _resubmit(link, lane.shard, p, lane.name)) for b, p, _ in lane.in_flight
+                    )
+                    lane.retrying = False
                 if deferred:  # the shard fenced this lane: what follows comes back deferred too
                     lane.fenced = True
                     lane.held.extend(batch[len(batch) - len(deferred) :])
@@ -337,7 +216,7 @@ class AsyncLanes:
                     lane.fenced = False
                     lane.resume = True
                 if lane.queue and not lane.flush_due:
-                    self._flush(lane, redo)
+                    self._flush(lane)
         except BaseException as exc:  # cancelled with its loop, or a bug: never leave a caller hanging
             error = exc if isinstance(exc, StateError) else StateError(f"internal error: {exc!r}")
             for batch, _, _ in lane.in_flight:
@@ -347,7 +226,7 @@ class AsyncLanes:
             lane.in_flight.clear()
             lane.queue.clear()
             lane.held.clear()
-            lane.fenced = False
+            lane.fenced = lane.retrying = False
             raise
         finally:
             lane.receiver = None
@@ -357,125 +236,35 @@ class AsyncLanes:
         link = self.link
         try:
             link.check_open()
-            if link.view is None:
-                await link.refresh_async()
+            await link.current_async()
         except StateError as exc:
             _resolve_all(lane.queue, exc)
             lane.queue.clear()
 
-    async def send(
-        self, shard: int, slots: list[Slot], packed: bytes, redo: Callable[[Request], Any]
-    ) -> None:
-        """Send ``slots`` (``packed``) as one batch now, outside the lanes (bulk calls); settle them."""
-        while slots:
-            view = self.link.view or await self.link.refresh_async()
-            slots = await self._await(shard, slots, packed, view.shards[shard].run.remote(packed), redo)
-            packed = pack([slot.req.cmd for slot in slots])  # a deferred tail: send it again
 
-    async def _await(
-        self,
-        shard: int,
-        slots: list[Slot],
-        packed: bytes,
-        ref: Any,
-        redo: Callable[[Request], Any],
-        lane: tuple[str, bool] | None = None,
-    ) -> list[Slot]:
-        """Wait for one batch's answer (resending it while its shard restarts) and settle its slots.
-
-        Returns the slots the shard deferred (a tail of the batch, not settled), to be sent again.
-        """
-        link = self.link
-        backoff: Backoff | None = None
-        while True:
-            try:
-                results = unpack(await asyncio.wait_for(ref, link.timeout))
-                break
-            except RayActorError as exc:
-                backoff = backoff or Backoff(link)
-                try:
-                    await asyncio.sleep(await asyncio.to_thread(backoff.next_delay, exc))
-                except StateError as err:
-                    _fail(slots, err)
-                    return []
-                view = link.view or await link.refresh_async()
-                ref = view.shards[shard].run.remote(packed, *(lane or ()))
-            except (RayError, asyncio.TimeoutError) as exc:
-                _fail(slots, link.unavailable(exc))
-                return []
-        cut = _deferred_from(results, len(slots))
-        reason = results[cut][1] if cut < len(slots) else None
-        deferred, slots, results = slots[cut:], slots[:cut], results[:cut]
-        if isinstance(reason, ShardLoading):  # wait a little before the deferred calls go again
-            try:
-                await asyncio.sleep(link.wait_for_load(shard, reason))
-            except StateError as err:
-                _fail(deferred, err)
-                deferred = []
-        elif not deferred:
-            link.loading_since.pop(shard, None)
-        stale = [
-            s
-            for s, (ok, p) in zip(slots, results, strict=False)
-            if not ok and isinstance(p, (StaleShardMap, ShardLoading))
-        ]
-        if len(results) != len(slots):
-            stale = list(slots)  # the shard could not take the batch whole: each goes on its own
-            results = [(False, StaleShardMap("resent on its own"))] * len(slots)
-        settle(slots, results, _later)
-        for slot in stale:  # re-route these after a map refresh (off the lane's batch)
-            try:
-                slot.value, slot.ok = await redo(slot.req), True
-            except StateError as exc:
-                slot.value, slot.ok = exc, False
-            except Exception as exc:  # never let one call's failure reach the lane's other callers
-                slot.value, slot.ok = StateError(f"internal error: {type(exc).__name__}: {exc}"), False
-        return deferred
-
-
-def _deferred_from(results: Sequence[tuple[bool, Any]], count: int) -> int:
-    """Where the deferred tail of a batch's answer starts (``count``: nothing was deferred)."""
-    if len(results) != count:
-        return count  # one answer for the whole batch: settle() sends each call on its own
-    for index, (ok, payload) in enumerate(results):
-        if not ok and isinstance(payload, Deferred):
-            return index
-    return count
-
-
-def _packs(slot: Slot) -> bool:
-    """Whether ``slot``'s command can be pickled; if not, the slot fails with :class:`InvalidInput`."""
+def _resubmit(link: ClusterLink, shard: int, packed: bytes, lane: str) -> Any:
     try:
-        pack([slot.req.cmd])
-        return True
-    except InvalidInput as exc:
-        slot.value, slot.ok, slot.done = exc, False, True
-        return False
+        return link.submit(shard, packed, lane, False)
+    except StateError as exc:
+        return exc
 
 
-def _picklable(
-    calls: list[tuple[Slot, asyncio.Future[Any]]],
-) -> list[tuple[Slot, asyncio.Future[Any]]]:
-    """The calls whose command can be pickled; the others fail with :class:`InvalidInput`."""
-    kept = []
+def _packed(calls: list[_Call]) -> tuple[list[_Call], bytes]:
+    """``(the calls whose command can be pickled, their packed batch)``; the others fail with
+    :class:`InvalidInput`."""
+    kept, packed = packed_batch([slot for slot, _ in calls])
+    if len(kept) == len(calls):
+        return calls, packed
+    out = []
     for slot, fut in calls:
-        if _packs(slot):
-            kept.append((slot, fut))
-        else:
+        if slot.done:
             fut.set_exception(slot.value)
-    return kept
+        else:
+            out.append((slot, fut))
+    return out, packed
 
 
-def _later(req: Request) -> Any:
-    raise StaleShardMap("re-routed after a map refresh")
-
-
-def _fail(slots: Sequence[Slot], error: StateError) -> None:
-    for slot in slots:
-        slot.value, slot.ok, slot.done = error, False, True
-
-
-def _resolve_all(calls: Sequence[tuple[Slot, asyncio.Future[Any]]], error: BaseException) -> None:
+def _resolve_all(calls: Sequence[_Call], error: BaseException) -> None:
     for _, fut in calls:
         if not fut.done():
             fut.set_exception(error)
@@ -486,12 +275,23 @@ _async_lanes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, Asy
 )
 
 
+def sync_lanes(link: ClusterLink) -> SyncLanes:
+    """The thread lanes of ``link`` (made on first use)."""
+    lanes = link.lanes
+    if lanes is None:
+        with link._lock:
+            lanes = link.lanes
+            if lanes is None:
+                lanes = link.lanes = SyncLanes(link)
+    return lanes  # type: ignore[no-any-return]
+
+
 def async_lanes(link: ClusterLink) -> AsyncLanes:
     """The lanes of ``link`` on the running event loop (the last loop's are cached on the link)."""
     loop = asyncio.get_running_loop()
     cached = link.async_lanes
     if cached is not None and cached[0]() is loop:
-        return cached[1]
+        return cached[1]  # type: ignore[no-any-return]
     per_loop = _async_lanes.setdefault(loop, {})
     lanes = per_loop.get(id(link))
     if lanes is None:

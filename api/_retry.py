@@ -1,7 +1,6 @@
 """The retry policy shared by the clients' sending paths (lanes, direct calls, bulk calls).
 
-A module of its own, imported by ``_client`` and ``_coalesce`` alike, so neither has to import the
-other to retry.
+A module of its own, used by the client core (``_core``) and imported by nothing it imports.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from shardstate._errors import Unavailable
 from shardstate.cluster.bootstrap import find_router
 
 if TYPE_CHECKING:
-    from shardstate._client import ClusterLink
+    from shardstate._link import ClusterLink
 
 
 class Backoff:

@@ -31,7 +31,7 @@ from shardstate._models import StateEvent
 from shardstate.cluster.delivery import to_state_event
 from shardstate.cluster.slots import slot_of
 from shardstate.shards.event_forms import Resolver, Unresolved
-from shardstate.shards.followers import SYSTEM_PREFIX, WATCHER, FollowSpec, frame_of
+from shardstate.shards.followers import SYSTEM_PREFIX, WATCHER, FollowSpec, frame_of, stream_target
 from shardstate.shards.records import Event
 from shardstate.shards.wire import (
     ShardConnection,
@@ -155,14 +155,10 @@ class SyncWatcher:
         self.selector = selectors.DefaultSelector()
         view = link.current()
         self.shards = [_Shard(ShardFollow(link.cluster, s, group_id), view.shards[s]) for s in shards]
-        self.secret: bytes | None = None
+        #: the cluster's secret (None: a ``transport="ray"`` client polls instead)
+        self.secret: bytes | None = link.secret
         #: gaps to fill from the log before the next frame: (shard, up to seq)
         self._pending_fill: list[tuple[_Shard, int]] = []
-        if getattr(link, "transport", "socket") != "ray":
-            try:
-                self.secret = ray.get(link.router.wire_secret.remote(), timeout=link.timeout)
-            except Exception:  # an older router, or no secret: poll
-                self.secret = None
         try:
             for shard in self.shards:  # the starting point of each shard, before watch() returns
                 if not self._open(shard):
@@ -178,10 +174,11 @@ class SyncWatcher:
         if self.secret is None:
             return False
         try:
-            address = ray.get(shard.handle.address.remote(), timeout=OPEN_TIMEOUT)
-            if address is None:
+            found = ray.get(shard.handle.endpoint.remote(), timeout=OPEN_TIMEOUT)
+            target = stream_target(found, self.link.my_ip)
+            if target is None:
                 return False
-            conn = ShardConnection((address[0], int(address[1])), self.secret, timeout=OPEN_TIMEOUT)
+            conn = ShardConnection(target, self.secret, timeout=OPEN_TIMEOUT)
         except Exception:
             return False
         try:
@@ -318,14 +315,10 @@ class AsyncWatcher:
     async def start(self) -> None:
         """Open every stream (or take a polled shard's head): the starting point."""
         link = self.link
-        view = link.view or await link.refresh_async()
+        view = await link.current_async()
         group = self.group_id
         shards = [view.owners[slot_of(group)]] if group is not None else list(range(len(view.shards)))
-        if getattr(link, "transport", "socket") != "ray":
-            try:
-                self.secret = await asyncio.wait_for(link.router.wire_secret.remote(), link.timeout)
-            except Exception:
-                self.secret = None
+        self.secret = link.secret
         for index in shards:
             follow, handle = ShardFollow(link.cluster, index, self.group_id), view.shards[index]
             stream = await self._open(follow, handle)
@@ -340,12 +333,15 @@ class AsyncWatcher:
             return None
         writer = None
         try:
-            address = await asyncio.wait_for(handle.address.remote(), OPEN_TIMEOUT)
-            if address is None:
+            found = await asyncio.wait_for(handle.endpoint.remote(), OPEN_TIMEOUT)
+            target = stream_target(found, self.link.my_ip)
+            if target is None:
                 return None
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address[0], int(address[1]), limit=1 << 20), OPEN_TIMEOUT
-            )
+            if isinstance(target, str):
+                opening = asyncio.open_unix_connection(target, limit=1 << 20)
+            else:
+                opening = asyncio.open_connection(target[0], target[1], limit=1 << 20)
+            reader, writer = await asyncio.wait_for(opening, OPEN_TIMEOUT)
             await asyncio.wait_for(client_handshake_async(reader, writer, self.secret), OPEN_TIMEOUT)
             await write_frame_async(writer, pack_follow(self.spec))
             kind, head, index = frame_of(await asyncio.wait_for(read_frame_async(reader), OPEN_TIMEOUT))

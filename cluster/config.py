@@ -18,6 +18,8 @@ DEFAULT_CLUSTER = "default"
 DEFAULT_SHARDS = 4
 DEFAULT_STORAGE = "~/.shardstate"
 DEFAULT_DURABILITY = "os"
+#: Where shards listen for clients' connections: loopback unless the cluster is told otherwise
+DEFAULT_WIRE_HOST = "127.0.0.1"
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -29,7 +31,10 @@ class ClusterConfig:
     ``storage`` is the root directory (``~`` expands on each node); shard files live under
     ``<storage>/<name>/``. ``durability``: ``"os"`` (default; commit survives a process crash),
     ``"fsync"`` (survives power loss), ``"memory"`` (nothing on disk). ``op_retention``: seconds an
-    idempotent write's result is remembered.
+    idempotent write's result is remembered. ``wire_host``: where each shard listens for client
+    connections: ``"127.0.0.1"`` (default: clients on the shard's own node use the connection,
+    others the Ray path), ``"node"`` (the node's IP: every node's clients connect; for a multi-node
+    cluster on a trusted network), or an explicit address.
     """
 
     name: str = DEFAULT_CLUSTER
@@ -38,6 +43,7 @@ class ClusterConfig:
     durability: str = DEFAULT_DURABILITY
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
     op_retention: float = DEFAULT_OP_RETENTION
+    wire_host: str = DEFAULT_WIRE_HOST
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _CLUSTER_NAME.match(self.name):
@@ -64,6 +70,9 @@ class ClusterConfig:
             raise InvalidInput(
                 f"op_retention must be a positive number of seconds, got {self.op_retention!r}"
             )
+
+        if not isinstance(self.wire_host, str) or not self.wire_host or len(self.wire_host) > 255:
+            raise InvalidInput(f"wire_host must be 'node' or an address, got {self.wire_host!r}")
 
     def directory(self) -> str:
         """This cluster's storage directory (``~`` not yet expanded: each node expands its own)."""

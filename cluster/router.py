@@ -144,6 +144,7 @@ class RouterActor:
             SWEEP_INTERVAL,
             cfg.subscriber_name(index % subscriber_count(cfg.shards)),
             self.cluster_id,
+            cfg.wire_host,
         )
 
     # -- cluster management -------------------------------------------------------------------
@@ -233,6 +234,15 @@ class RouterActor:
         epoch = self.map.epoch
         addresses = await asyncio.gather(*(_address(s, timeout) for s in self.shards))
         return (epoch, builtins.list(addresses))
+
+    async def routes(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Everything a client routes by, in one call: ``epoch``, slot ``owners``, shard ``handles``
+        and per shard its connection's ``endpoints`` ``(host, port, node IP, Unix socket
+        path)`` (None while it has
+        none: loading, restarting, not answering within ``timeout`` s; use its handle meanwhile)."""
+        epoch, owners = self.map.epoch, self.map.owners
+        endpoints = await asyncio.gather(*(_endpoint(s, timeout) for s in self.shards))
+        return {"epoch": epoch, "owners": owners, "handles": list(self.shards), "endpoints": endpoints}
 
     def wire_secret(self) -> bytes:
         """The cluster's secret, for clients opening shard connections. Handed out only through
@@ -376,6 +386,15 @@ async def _address(shard: Any, timeout: float) -> tuple[str, int] | None:
     except (asyncio.TimeoutError, RayActorError):
         return None
     return None if address is None else (str(address[0]), int(address[1]))
+
+
+async def _endpoint(shard: Any, timeout: float) -> tuple[str, int, str | None, str | None] | None:
+    """A shard's ``endpoint()``; None if it died meanwhile or did not answer."""
+    try:
+        found = await asyncio.wait_for(shard.endpoint.remote(), timeout)
+    except (asyncio.TimeoutError, RayActorError):
+        return None
+    return None if found is None else (str(found[0]), int(found[1]), found[2], found[3])
 
 
 def _alive_nodes() -> builtins.list[tuple[str, str]]:

@@ -66,7 +66,7 @@ from shardstate.cluster.delivery import (
 )
 from shardstate.cluster.runners import RunnerPool
 from shardstate.shards.event_forms import Resolver, Unresolved
-from shardstate.shards.followers import SUBSCRIBER, FollowSpec, frame_of
+from shardstate.shards.followers import SUBSCRIBER, FollowSpec, frame_of, stream_target
 from shardstate.shards.records import Event
 from shardstate.shards.wire import (
     HANDSHAKE_TIMEOUT,
@@ -182,6 +182,7 @@ class SubscriberActor:
         #: per shard: set when its inbox has room again (the stream reads on)
         self._room: dict[int, asyncio.Event] = {}
         self._secret: bytes | None = None
+        self._my_ip: str | None = None
         #: per trigger: its handler's pickled form and the name runners keep it under
         self._handler_keys: dict[str, tuple[bytes, str]] = {}
         self.runners = RunnerPool(self.config.name, MAX_IN_FLIGHT)
@@ -347,17 +348,21 @@ class SubscriberActor:
         if handle is None:
             name = self.config.shard_name(shard)
             handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-        address = await asyncio.wait_for(handle.address.remote(), 10.0)
-        if address is None:
-            raise ConnectionError(f"shard {shard} has no connection (yet)")
+        if self._my_ip is None:
+            self._my_ip = ray.util.get_node_ip_address()
+        target = stream_target(await asyncio.wait_for(handle.endpoint.remote(), 10.0), self._my_ip)
+        if target is None:  # no connection yet, or one we cannot reach: the shard pushes by Ray
+            raise ConnectionError(f"shard {shard} has no connection we can reach (yet)")
         if self._secret is None:
             self._secret = await asyncio.to_thread(metadata.secret, self.config.name)
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(address[0], int(address[1]), limit=1 << 20), HANDSHAKE_TIMEOUT
-        )
+        if isinstance(target, str):
+            opening = asyncio.open_unix_connection(target, limit=1 << 20)
+        else:
+            opening = asyncio.open_connection(target[0], target[1], limit=1 << 20)
+        reader, writer = await asyncio.wait_for(opening, HANDSHAKE_TIMEOUT)
         try:
             sock = writer.get_extra_info("socket")
-            if sock is not None:
+            if sock is not None and sock.family != getattr(socket, "AF_UNIX", None):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await asyncio.wait_for(client_handshake_async(reader, writer, self._secret), HANDSHAKE_TIMEOUT)
             await write_frame_async(writer, pack_follow(FollowSpec(SUBSCRIBER).to_bytes()))

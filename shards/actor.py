@@ -25,6 +25,7 @@ runs ahead of disk) and the shard stays up read-only until a probe commit works 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import sys
@@ -47,7 +48,7 @@ from shardstate.shards.followers import SUBSCRIBER, EventFollower, FollowSpec, r
 from shardstate.shards.records import Event
 from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
-from shardstate.shards.wire import MAX_FRAME, FollowStream, WireServer
+from shardstate.shards.wire import MAX_FRAME, FollowStream, WireServer, private_socket_path
 
 #: Seconds between the shard's own sweeps of expired entries and old op results.
 SWEEP_INTERVAL = 1.0
@@ -87,6 +88,7 @@ class ShardActor:
         sweep_interval: float = SWEEP_INTERVAL,
         subscriber_name: str | None = None,
         cluster_id: str | None = None,
+        wire_host: str = "127.0.0.1",
     ) -> None:
         self._started = time.perf_counter()
         self.cluster = cluster
@@ -123,6 +125,7 @@ class ShardActor:
         self._engine_lock = threading.Lock()
         #: the shard's own connection (started once loaded, in a cluster that has a secret)
         self._wire: WireServer | None = None
+        self.wire_host = wire_host
         self.wire_error: str | None = None
         # -- loading (a background thread fills these; calls read them) ---------------------------
         self.phase = OPENING
@@ -190,7 +193,7 @@ class ShardActor:
         """Serve batches on the shard's own connection (the node's IP, an ephemeral port). Without
         it (no secret, no port) the shard serves Ray calls only, and ``info()`` says why."""
         try:
-            self.serve_wire(metadata.secret(self.cluster), _wire_host())
+            self.serve_wire(metadata.secret(self.cluster), _wire_host(self.wire_host))
         except Exception as exc:
             self.wire_error = f"{type(exc).__name__}: {exc}"
             print(f"shardstate shard {self.index}: no own connection: {self.wire_error}", file=sys.stderr)
@@ -201,12 +204,24 @@ class ShardActor:
         Every request runs :meth:`run`, under the same engine lock as the Ray calls; a follow
         request opens a stream of events (:meth:`_follow`)."""
         if self._wire is None:
-            self._wire = WireServer(host, secret, self.run, follow=self._follow)
+            # one socket file per shard of a cluster: a restarted shard replaces its predecessor's
+            name = hashlib.sha1(f"{self.cluster}/{self.cluster_id}".encode()).hexdigest()[:16]
+            unix = private_socket_path(f"{name}-{self.index}.sock")
+            self._wire = WireServer(host, secret, self.run, unix=unix, follow=self._follow)
         return self._wire.address
 
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the shard's own connection; None while loading or without one."""
         return None if self._wire is None else self._wire.address
+
+    def endpoint(self) -> tuple[str, int, str | None, str | None] | None:
+        """``(host, port, node IP, Unix socket path)``: :meth:`address`, the node it is on (a client
+        elsewhere cannot reach a loopback address) and the Unix socket clients on this machine use;
+        None while loading or without a connection."""
+        if self._wire is None:
+            return None
+        host, port = self._wire.address
+        return (host, port, _node()[1], self._wire.path)
 
     def _initial_durable_events(self) -> bool:
         """Whether the loaded engine keeps events durably at first: a trigger is registered (the
@@ -490,7 +505,7 @@ class ShardActor:
                 time.sleep(0.05)
 
     def _follow(self, raw_spec: bytes, stream: FollowStream) -> _Following:
-        """Open a follow stream (on the wire server's loop): events committed from now on."""
+        """Open a follow stream (on its connection's thread): events committed from now on."""
         spec = FollowSpec.from_bytes(raw_spec)
         with self._outbox_lock:
             live = [f for f in self._followers if not f.gone]
@@ -600,6 +615,7 @@ class ShardActor:
             "commands": self.commands,
             "address": self.address(),
             "wire_error": self.wire_error,
+            "wire": None if self._wire is None else self._wire.stats(),
             "followers": [f.spec.kind for f in self._followers],
             "pushes_dropped": self.pushes_dropped,
         }
@@ -610,14 +626,11 @@ class ShardActor:
 
 
 class _Following:
-    """A follow stream's follower as the wire server sees it (frames from the peer are ignored)."""
+    """A follow stream's follower as the wire server sees it."""
 
     def __init__(self, shard: ShardActor, follower: EventFollower) -> None:
         self._shard = shard
         self._follower = follower
-
-    def received(self, body: bytes) -> None:
-        return None
 
     def closed(self) -> None:
         self._shard._unfollow(self._follower)
@@ -646,10 +659,10 @@ def _where_it_was(record: dict[str, Any] | None, index: int) -> str:
     )
 
 
-def _wire_host() -> str:
-    """Where the shard's connection listens: 127.0.0.1 unless :data:`WIRE_HOST_ENV` says otherwise
-    (``node``: the node's IP)."""
-    told = os.environ.get(WIRE_HOST_ENV, "").strip()
+def _wire_host(configured: str = "127.0.0.1") -> str:
+    """Where the shard's connection listens: the cluster's ``wire_host`` (default 127.0.0.1), or
+    what :data:`WIRE_HOST_ENV` says on this node (``node``: the node's IP)."""
+    told = os.environ.get(WIRE_HOST_ENV, "").strip() or configured
     if told == "node":
         _node_id, node_ip = _node()
         return node_ip or "127.0.0.1"

@@ -23,6 +23,7 @@ to the previous frame's event of that key, a large update's new value is its ops
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,23 @@ class FollowSpec:
         if group is not None and not isinstance(group, str):
             raise SpecError(f"a follow spec's group is a str or None, got {type(group).__name__}")
         return cls(spec["kind"], group)
+
+
+def stream_target(endpoint: Sequence[Any] | None, my_ip: str | None) -> str | tuple[str, int] | None:
+    """Where a reader on node ``my_ip`` opens a shard's follow stream, from the shard's
+    ``endpoint()`` ``(host, port, node IP, Unix socket path)``: its Unix socket when on the same node
+    (and the file is here), else ``(host, port)``; None when it cannot be reached (no connection
+    yet, or a loopback address on another node): the reader uses Ray calls instead."""
+    if endpoint is None:
+        return None
+    host, port, node_ip, path = endpoint
+    here = my_ip is not None and node_ip == my_ip
+    if path is not None and here and os.path.exists(path):
+        return str(path)
+    loopback = host.startswith("127.") or host in ("::1", "localhost")
+    if loopback and not here and node_ip is not None and my_ip is not None:
+        return None
+    return (str(host), int(port))
 
 
 def ready_frame(head: int, shard: int) -> bytes:

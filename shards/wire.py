@@ -31,9 +31,9 @@ the shard with an error result, as on the Ray path.
 Follow streams (state events pushed to a subscriber or a watcher): a request whose header is
 exactly ``flags = 4 (follow), lane length 0`` turns its connection into a one-way stream. Its body
 (after the header) is the follower's spec, handed to the server's ``follow`` callback, which
-pushes frames with :meth:`FollowStream.send` (from any thread) until the connection closes; what
-the peer sends afterwards is handed to the callback's follower too. A server without a ``follow``
-callback closes such a connection.
+pushes frames with :meth:`FollowStream.send` (from any thread; the connection's own thread writes
+them) until the connection closes. The peer sends nothing more: a byte from it closes the stream.
+A server without a ``follow`` callback closes such a connection (its flags are unknown).
 """
 
 from __future__ import annotations
@@ -43,10 +43,13 @@ import contextlib
 import hashlib
 import hmac
 import os
+import select
 import socket
 import struct
 import sys
+import tempfile
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -60,6 +63,9 @@ HANDSHAKE_TIMEOUT = 10.0
 #: once a frame's length has arrived, its body must follow within this many seconds, plus one
 #: second per MiB: a peer that stalls in the middle of a frame does not hold a connection forever
 FRAME_BODY_TIMEOUT = 30.0
+#: Connections a shard keeps open at once (one per client process and shard, a few more for
+#: threads); more are closed as they arrive.
+MAX_CONNECTIONS = 4096
 #: Bytes of each handshake nonce and of the cluster secret.
 NONCE_SIZE = 32
 SECRET_SIZE = 32
@@ -73,9 +79,11 @@ _HEADER = struct.Struct(">BH")
 _RESUME, _LANE, _FOLLOW = 1, 2, 4
 #: the header of a follow request (flags = follow, no lane)
 FOLLOW_HEADER = _HEADER.pack(_FOLLOW, 0)
-#: bytes a follow stream may hold unsent (queued or in the transport's buffer) before the shard
-#: drops what it would push next (the follower notices the gap and reads the shard's log)
+#: bytes a follow stream may hold queued before the shard drops what it would push next (the
+#: follower notices the gap and reads the shard's log); the socket's own buffers come on top
 FOLLOW_BUFFER = 8 * 1024 * 1024
+#: seconds between a quiet follow stream's checks that its peer is still there
+FOLLOW_IDLE_CHECK = 1.0
 _DIGEST_SIZE = hashlib.sha256().digest_size
 
 #: A shard's handler: ``(packed batch, lane, resume) -> packed results`` (``ShardActor.run``).
@@ -85,12 +93,8 @@ Handler = Callable[[bytes, "str | None", bool], bytes]
 class Follower(Protocol):
     """What a server's ``follow`` callback returns for one follow stream."""
 
-    def received(self, body: bytes) -> None:
-        """A frame the peer sent on the stream (called on the server's loop)."""
-        ...
-
     def closed(self) -> None:
-        """The stream's connection closed (called once, on the server's loop)."""
+        """The stream's connection closed (called once, on the stream's thread)."""
         ...
 
 
@@ -136,9 +140,17 @@ def read_frame(sock: socket.socket, max_size: int = MAX_FRAME) -> bytes:
 
 
 def _recv_exactly(sock: socket.socket, size: int, between_frames: bool = False) -> bytes:
+    first = sock.recv(min(size, 65536))  # the common case: one recv brings it all
+    if len(first) == size:
+        return first
     buf = bytearray(size)
     view = memoryview(buf)
-    got = 0
+    got = len(first)
+    view[:got] = first
+    if got == 0 and size:
+        if between_frames:
+            raise ConnectionClosed("the peer closed the connection")
+        raise WireError(f"connection closed after 0 of {size} bytes")
     while got < size:
         n = sock.recv_into(view[got:], size - got)
         if n == 0:
@@ -300,21 +312,20 @@ def unpack_request(body: bytes) -> tuple[bytes, str | None, bool]:
 
 # -- the server (inside the shard) ------------------------------------------------------------------
 class FollowStream:
-    """The sending side of a follow stream, inside the server: :meth:`send` from any thread.
+    """The sending side of a follow stream, inside the server: :meth:`send` from any thread; the
+    connection's own thread (:meth:`run`) writes the frames, whole and in order.
 
-    A frame :meth:`send` accepts is written whole and in order; one that would take the unsent
-    bytes (queued, or in the transport's buffer) past ``limit`` is refused (``False``) unless
-    nothing is unsent: the caller then tells its follower about the gap.
+    A frame that would take the queued bytes past ``limit`` is refused (``False``) unless nothing
+    is queued: the caller then tells its follower about the gap. So a follower that does not read
+    costs the shard at most ``limit`` bytes plus the socket's buffers.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, writer: asyncio.StreamWriter, limit: int) -> None:
-        self._loop = loop
-        self._writer = writer
+    def __init__(self, sock: socket.socket, limit: int = FOLLOW_BUFFER) -> None:
+        self._sock = sock
         self.limit = limit
-        self._lock = threading.Lock()
-        self._queued = 0  # accepted by send(), not yet handed to the transport
-        self._buffered = 0  # in the transport's buffer when last looked (on the loop)
-        self._draining = False
+        self._cond = threading.Condition()
+        self._frames: deque[bytes] = deque()
+        self._queued = 0
         self.is_closed = False
         #: frames refused for being too far behind
         self.refused = 0
@@ -322,56 +333,52 @@ class FollowStream:
     def send(self, body: bytes) -> bool:
         """Queue one frame; False (nothing queued) if the stream is closed or too far behind."""
         size = _LENGTH.size + len(body)
-        with self._lock:
+        with self._cond:
             if self.is_closed:
                 return False
-            pending = self._queued + self._buffered
-            if pending and pending + size > self.limit:
+            if self._queued and self._queued + size > self.limit:
                 self.refused += 1
                 return False
+            self._frames.append(body)
             self._queued += size
-        try:
-            self._loop.call_soon_threadsafe(self._write, body, size)
-        except RuntimeError:  # the loop is gone: the server closed
-            self.is_closed = True
-            return False
+            self._cond.notify()
         return True
 
-    def _write(self, body: bytes, size: int) -> None:
-        with self._lock:
-            self._queued -= size
-        if self.is_closed or self._writer.is_closing():
-            return
-        self._writer.write(_LENGTH.pack(len(body)) + body if len(body) < 65536 else _LENGTH.pack(len(body)))
-        if len(body) >= 65536:
-            self._writer.write(body)
-        self._buffered = self._writer.transport.get_write_buffer_size()
-        if self._buffered and not self._draining:
-            self._draining = True
-            self._loop.create_task(self._drain())
-
-    async def _drain(self) -> None:
-        """Follow the transport's buffer down (what :meth:`send` compares with its limit)."""
+    def run(self) -> None:
+        """Write queued frames until the peer closes the connection (or sends anything, or stops
+        reading for longer than a frame may take): the connection's thread."""
+        sock = self._sock
         try:
-            while self._buffered and not self.is_closed:
-                await self._writer.drain()
-                self._buffered = self._writer.transport.get_write_buffer_size()
-                if self._buffered:
-                    await asyncio.sleep(0.001)
-        except (ConnectionError, OSError, RuntimeError):
-            self.is_closed = True
+            while True:
+                with self._cond:
+                    if not self._frames:
+                        self._cond.wait(FOLLOW_IDLE_CHECK)
+                    body = self._frames.popleft() if self._frames else None
+                    if body is not None:
+                        self._queued -= _LENGTH.size + len(body)
+                if body is None:
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable:  # the peer closed (or broke the protocol by sending)
+                        return
+                    continue
+                sock.settimeout(FRAME_BODY_TIMEOUT + len(body) / (1 << 20))
+                write_frame(sock, body)
         finally:
-            self._draining = False
+            with self._cond:
+                self.is_closed = True
+                self._frames.clear()
+                self._queued = 0
 
 
 class WireServer:
-    """An asyncio server on a daemon thread: authenticates each connection, then answers its
-    request frames in order with ``handler`` (called on the loop's thread, one request at a time
-    per server; the handler itself serializes with the shard's other callers). With ``follow``,
-    a connection may instead become a follow stream (see the module docstring).
+    """A server on daemon threads: an accept loop, and one thread per connection that authenticates
+    it, then answers its request frames in order with ``handler`` (called on that connection's
+    thread; the handler itself serializes with the shard's other callers). Blocking sockets: a
+    request costs two system calls each way and no event loop.
 
-    A connection that fails the handshake, sends a truncated, oversized or malformed frame, or
-    goes away is closed; the server and every other connection carry on.
+    A connection that fails the handshake, sends a truncated, oversized or malformed frame, stalls
+    in the middle of a frame, or goes away is closed; the server and every other connection carry
+    on. At most :data:`MAX_CONNECTIONS` are open at once (more are closed at once).
     """
 
     def __init__(
@@ -380,127 +387,188 @@ class WireServer:
         secret: bytes,
         handler: Handler,
         port: int = 0,
+        unix: bool | str = False,
         follow: FollowHandler | None = None,
     ) -> None:
         self.secret = secret
         self.handler = handler
+        #: opens a follow stream (None: this server has none; a follow request closes its connection)
         self.follow = follow
         self.connections = 0  # currently open, authenticated or not
         self.refused = 0  # connections closed for failing the handshake or breaking the protocol
-        self._loop = asyncio.new_event_loop()
-        self._server: asyncio.AbstractServer | None = None
-        started = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._server = self._loop.run_until_complete(
-                    asyncio.start_server(self._serve, host, port, limit=1 << 20)
-                )
-            except BaseException as exc:
-                failure.append(exc)
-                started.set()
-                return
-            started.set()
-            try:
-                self._loop.run_forever()
-            finally:
-                self._loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="shardstate-wire")
-        self._thread.start()
-        started.wait()
-        if failure:
-            raise failure[0]
-        assert self._server is not None
-        bound = self._server.sockets[0].getsockname()
+        self.accepted = 0  # connections opened since the start
+        self.requests = 0  # request frames answered since the start
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closed = False
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=128)
+        bound = self._listener.getsockname()
         self.address: tuple[str, int] = (bound[0], bound[1])
+        #: a Unix socket for clients on this machine (in a new directory only this user can enter)
+        self.path: str | None = None
+        self._unix: socket.socket | None = None
+        self._own_directory = False
+        if unix and hasattr(socket, "AF_UNIX"):
+            if isinstance(unix, str):  # the caller's path, in a directory only its user can enter
+                self.path = unix
+            else:
+                self.path = os.path.join(tempfile.mkdtemp(prefix="shardstate-wire-"), "shard.sock")
+                self._own_directory = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # a socket file left behind by an earlier (killed) process
+            self._unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._unix.bind(self.path)
+            self._unix.listen(128)
+        self._threads = [
+            threading.Thread(target=self._accept, args=(lst,), daemon=True, name="shardstate-wire")
+            for lst in (self._listener, self._unix)
+            if lst is not None
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._closed:
+            try:
+                sock, _peer = listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                full = self._closed or len(self._open) >= MAX_CONNECTIONS
+                if not full:
+                    self._open.add(sock)
+                    self.connections += 1
+                    self.accepted += 1
+                else:
+                    self.refused += 1
+            if full:
+                sock.close()
+                continue
+            name = "shardstate-wire-conn"
+            threading.Thread(target=self._serve, args=(sock,), daemon=True, name=name).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        try:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            await asyncio.wait_for(server_handshake_async(reader, writer, self.secret), HANDSHAKE_TIMEOUT)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            server_handshake(sock, self.secret)
             while True:
-                body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
-                if body.startswith(FOLLOW_HEADER):
-                    await self._follow_stream(body[len(FOLLOW_HEADER) :], reader, writer)
+                sock.settimeout(None)  # an idle connection may wait for its next request forever
+                (size,) = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, between_frames=True))
+                if size > MAX_FRAME:
+                    raise FrameTooLarge(f"peer announced a frame of {size} bytes (at most {MAX_FRAME})")
+                sock.settimeout(FRAME_BODY_TIMEOUT + size / (1 << 20))
+                body = _recv_exactly(sock, size)
+                if self.follow is not None and body.startswith(FOLLOW_HEADER):
+                    self._follow_stream(sock, body[len(FOLLOW_HEADER) :])
                     return
                 packed, lane, resume = unpack_request(body)
-                await write_frame_async(writer, self.handler(packed, lane, resume))
+                answer = self.handler(packed, lane, resume)
+                self.requests += 1
+                sock.settimeout(FRAME_BODY_TIMEOUT + len(answer) / (1 << 20))
+                write_frame(sock, answer)
         except ConnectionClosed:
             pass  # the client is done
-        except (WireError, asyncio.TimeoutError, OSError) as exc:
-            self.refused += 1
-            print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
+        except (WireError, OSError) as exc:  # socket.timeout is an OSError
+            with self._lock:
+                self.refused += 1
+            if not self._closed:
+                print(f"shardstate wire: closing a connection: {type(exc).__name__}: {exc}", file=sys.stderr)
         except Exception as exc:  # the handler failed: the client sees a closed connection and retries
             print(f"shardstate wire: request failed, closing: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
-            self.connections -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            with self._lock:
+                self.connections -= 1
+                self._open.discard(sock)
+            sock.close()
 
-    async def _follow_stream(
-        self, spec: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Serve one follow stream until its connection closes."""
-        if self.follow is None:
-            raise WireError("this server has no follow streams")
-        stream = FollowStream(asyncio.get_running_loop(), writer, FOLLOW_BUFFER)
+    def _follow_stream(self, sock: socket.socket, spec: bytes) -> None:
+        """Serve one follow stream on this connection's thread until it closes."""
+        assert self.follow is not None
+        stream = FollowStream(sock)
         follower = self.follow(spec, stream)
         try:
-            while True:
-                body = await read_frame_async(reader, body_timeout=FRAME_BODY_TIMEOUT)
-                follower.received(body)
+            stream.run()
         finally:
-            stream.is_closed = True
             follower.closed()
 
+    def stats(self) -> dict[str, int]:
+        """``connections`` open now, ``accepted`` and ``refused`` since the start, ``requests`` answered."""
+        return {
+            "connections": self.connections,
+            "accepted": self.accepted,
+            "refused": self.refused,
+            "requests": self.requests,
+        }
+
     def close(self) -> None:
-        """Stop accepting, drop every open connection and stop the loop's thread (idempotent)."""
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        """Stop accepting and drop every open connection (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            open_now = list(self._open)
+        for listener in (self._listener, self._unix):
+            if listener is None:
+                continue
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (Linux)
+            with contextlib.suppress(OSError):
+                listener.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            if self._own_directory:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(self.path))
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(5)
 
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
-
-def serve(host: str, secret: bytes, handler: Handler, port: int = 0) -> WireServer:
-    """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given)."""
-    return WireServer(host, secret, handler, port)
+def serve(
+    host: str, secret: bytes, handler: Handler, port: int = 0, unix: bool | str = False
+) -> WireServer:
+    """Start a :class:`WireServer` on ``host`` (an ephemeral port unless ``port`` is given; and a
+    Unix socket if ``unix``: at that path, or in a new private directory if True)."""
+    return WireServer(host, secret, handler, port, unix)
 
 
 # -- a client connection ------------------------------------------------------------------------
 class ShardConnection:
     """One authenticated, blocking connection to a shard (not thread-safe: one caller at a time).
 
-    ``call(packed, lane, resume)`` is ``ShardActor.run`` over the socket: it sends the packed batch
+    ``address``: ``(host, port)``, or the path of the shard's Unix socket. ``call(packed, lane,
+    resume)`` is ``ShardActor.run`` over the socket: it sends the packed batch
     and returns the packed results. Any :class:`WireError` or ``OSError`` leaves the connection
     closed; open a new one (the shard may have moved or restarted: ask the router).
     """
 
-    def __init__(self, address: tuple[str, int], secret: bytes, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self, address: tuple[str, int] | str, secret: bytes, timeout: float | None = 30.0
+    ) -> None:
         if not isinstance(secret, bytes) or not secret:
             raise AuthenticationError("the cluster secret is non-empty bytes")
-        self.address = (address[0], int(address[1]))
-        self.sock = socket.create_connection(self.address, timeout=timeout)
+        self.address: tuple[str, int] | str
+        if isinstance(address, str):  # a Unix socket's path
+            self.address = address
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.settimeout(timeout)
+                self.sock.connect(address)
+            except BaseException:
+                self.sock.close()
+                raise
+        else:
+            self.address = (address[0], int(address[1]))
+            self.sock = socket.create_connection(self.address, timeout=timeout)
         try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.sock.family != getattr(socket, "AF_UNIX", None):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client_handshake(self.sock, secret)
         except BaseException:
             self.sock.close()
@@ -508,8 +576,20 @@ class ShardConnection:
 
     def call(self, packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
         """Send one packed batch and return the shard's packed results."""
+        self.send(packed, lane, resume)
+        return self.receive()
+
+    def send(self, packed: bytes, lane: str | None = None, resume: bool = False) -> None:
+        """Send one packed batch (its answer is the next :meth:`receive`)."""
         try:
             write_frame(self.sock, pack_request(packed, lane, resume))
+        except BaseException:
+            self.close()
+            raise
+
+    def receive(self) -> bytes:
+        """The packed results of the oldest batch sent and not yet received."""
+        try:
             return read_frame(self.sock)
         except BaseException:
             self.close()
@@ -524,3 +604,18 @@ class ShardConnection:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def private_socket_path(name: str) -> str | bool:
+    """Where a process of this user keeps a Unix socket called ``name``: in
+    ``<tmp>/shardstate-<uid>/`` (made with mode 0700, and used only if this user owns it and nobody
+    else can enter). True (a new private directory) if that directory cannot be trusted."""
+    base = os.path.join(tempfile.gettempdir(), f"shardstate-{os.getuid()}")
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        info = os.lstat(base)
+    except OSError:
+        return True
+    if not os.path.isdir(base) or os.path.islink(base) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return True
+    return os.path.join(base, name)

@@ -30,11 +30,21 @@ def storage_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def state(ray_session: None, storage_root: Path) -> Iterator[shardstate.StateClient]:
+def session_cluster(ray_session: None, storage_root: Path) -> Iterator[shardstate.StateClient]:
     """A 4-shard state cluster on durable (sqlite, "os") storage, shared by the session."""
     client = shardstate.connect(cluster=CLUSTER, shards=4, storage=str(storage_root))
     yield client
     shardstate.shutdown(CLUSTER)
+
+
+@pytest.fixture(scope="session")
+def state(request: pytest.FixtureRequest, session_cluster: shardstate.StateClient) -> shardstate.StateClient:
+    """The session cluster's client on the default transport, or on the one a test asks for with
+    ``@pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)``."""
+    transport = getattr(request, "param", None)
+    if transport is None:
+        return session_cluster
+    return shardstate.connect(cluster=CLUSTER, transport=transport)
 
 
 @pytest.fixture

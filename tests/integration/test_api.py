@@ -13,7 +13,11 @@ from shardstate import StateItem, ops
 
 pytestmark = pytest.mark.timeout(120)
 
+#: the tests that also run on the Ray-call transport (the rest run on the default only)
+BOTH_TRANSPORTS = pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)
 
+
+@BOTH_TRANSPORTS
 def test_set_get_delete_roundtrip(state: shardstate.StateClient, group: str) -> None:
     assert state.get(group, "a") is None
     first = state.set(group, "a", {"n": 1})
@@ -50,6 +54,7 @@ def test_items_in_insertion_order(state: shardstate.StateClient, group: str) -> 
     assert state.list(group) == [0, "again", 3, 4, "moved"]
 
 
+@BOTH_TRANSPORTS
 def test_update_ops_and_errors(state: shardstate.StateClient, group: str) -> None:
     result = state.update(
         group,
@@ -70,6 +75,7 @@ def test_update_ops_and_errors(state: shardstate.StateClient, group: str) -> Non
     assert state.get(group, "job") == before  # all or nothing
 
 
+@BOTH_TRANSPORTS
 def test_clear_returns_count_and_list_groups(state: shardstate.StateClient) -> None:
     prefix = f"lg-{uuid.uuid4().hex[:6]}"
     groups = [f"{prefix}-{i:02d}" for i in range(30)]
@@ -102,9 +108,10 @@ def test_groups_spread_over_all_shards(state: shardstate.StateClient) -> None:
     assert all(0 < n <= 2 * 1000 / 4 for n in added), added
 
 
+@BOTH_TRANSPORTS
 def test_async_client(state: shardstate.StateClient, group: str) -> None:
     async def main() -> None:
-        astate = await shardstate.connect_async(cluster=state.cluster)
+        astate = await shardstate.connect_async(cluster=state.cluster, transport=state.transport)
         await astate.set(group, "x", {"n": 0})
         results = await asyncio.gather(*(astate.update(group, "x", [ops.increment("n")]) for _ in range(200)))
         assert sorted(r.new_value["n"] for r in results) == list(range(1, 201))

@@ -17,12 +17,16 @@ from shardstate.cluster.slots import slot_of
 
 pytestmark = pytest.mark.timeout(300)
 
+#: the tests that also run on the Ray-call transport (the rest run on the default only)
+BOTH_TRANSPORTS = pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)
+
 
 def owner_counters(state: shardstate.StateClient, group: str) -> tuple[int, int]:
     info = state.shard_info()[state._link.current().owners[slot_of(group)]]
     return info["batches"], info["commands"]
 
 
+@BOTH_TRANSPORTS
 def test_threads_coalesce_and_stay_exact(state: shardstate.StateClient, group: str) -> None:
     b0, c0 = owner_counters(state, group)
     start = threading.Barrier(16)
@@ -47,11 +51,12 @@ def test_threads_coalesce_and_stay_exact(state: shardstate.StateClient, group: s
     assert calls < commands / 2, f"{commands} commands in {calls} actor calls: not coalesced"
 
 
+@BOTH_TRANSPORTS
 def test_asyncio_tasks_coalesce_keep_order_and_isolate_errors(
     state: shardstate.StateClient, group: str
 ) -> None:
     async def main() -> None:
-        astate = await shardstate.connect_async(cluster=state.cluster)
+        astate = await shardstate.connect_async(cluster=state.cluster, transport=state.transport)
         b0, c0 = owner_counters(state, group)
         results = await asyncio.gather(
             *(astate.update(group, "hot", [ops.increment("n")]) for _ in range(10_000))
@@ -97,13 +102,14 @@ def test_pipeline_results_in_order_with_per_op_errors(state: shardstate.StateCli
         state.pipeline().set("", "k", 1)
 
 
+@BOTH_TRANSPORTS
 def test_bulk_helpers_and_async_pipeline(state: shardstate.StateClient, group: str) -> None:
     results = state.set_many(group, {f"k{i}": i for i in range(100)})
     assert [r.new_value for r in results] == list(range(100))
     assert state.get_many(group, ["k3", "nope", "k99"]) == [3, None, 99]
 
     async def main() -> list[Any]:
-        astate = await shardstate.connect_async(cluster=state.cluster)
+        astate = await shardstate.connect_async(cluster=state.cluster, transport=state.transport)
         async with astate.pipeline() as p:
             for i in range(50):
                 p.update(group, f"k{i}", [ops.set("", i * 10)])
@@ -126,11 +132,12 @@ _HERE_ONLY.Unimportable = Unimportable  # type: ignore[attr-defined]
 sys.modules[_HERE_ONLY.__name__] = _HERE_ONLY
 
 
+@BOTH_TRANSPORTS
 def test_lanes_keep_several_batches_in_flight_in_order(state: shardstate.StateClient, group: str) -> None:
     from shardstate import _coalesce
 
     async def main() -> tuple[int, int]:
-        astate = await shardstate.connect_async(cluster=state.cluster)
+        astate = await shardstate.connect_async(cluster=state.cluster, transport=state.transport)
         b0, c0 = owner_counters(state, group)
         n = 3 * _coalesce.MAX_BATCH
         await asyncio.gather(*(astate.update(group, "seq", [ops.append("seen", i)]) for i in range(n)))
@@ -165,7 +172,7 @@ def test_a_call_that_cannot_travel_fails_alone(
     state: shardstate.StateClient, group: str, bad: str, message: str
 ) -> None:
     async def main() -> list[Any]:
-        astate = await shardstate.connect_async(cluster=state.cluster)
+        astate = await shardstate.connect_async(cluster=state.cluster, transport=state.transport)
         values = [bad if i == 7 else i for i in range(40)]
         calls = [astate.update(group, f"k{i}", [ops.set("v", v)]) for i, v in enumerate(values)]
         return await asyncio.gather(*calls, return_exceptions=True)

@@ -22,6 +22,9 @@ from shardstate.shards import commands as C
 
 pytestmark = pytest.mark.timeout(300)
 
+#: the tests that also run on the Ray-call transport (the rest run on the default only)
+BOTH_TRANSPORTS = pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)
+
 
 def owner_info(state: shardstate.StateClient, group: str) -> dict[str, object]:
     index = state._link.current().owners[slot_of(group)]
@@ -39,6 +42,7 @@ def stream_increments(state: shardstate.StateClient, group: str, task: int, call
     return acked
 
 
+@BOTH_TRANSPORTS
 def test_sigkill_shard_while_tasks_stream_increments(state: shardstate.StateClient, group: str) -> None:
     before = owner_info(state, group)
     refs = [stream_increments.remote(state, group, t, 100) for t in range(20)]
@@ -131,6 +135,7 @@ def test_fresh_ray_instance_finds_the_data(tmp_path: Path) -> None:
     assert got == {"doc": {"n": 20, "seen": list(range(20))}, "other": [1, 2, 3]}
 
 
+@BOTH_TRANSPORTS
 def test_same_op_id_applies_once(state: shardstate.StateClient, group: str) -> None:
     first = state.update(group, "k", [ops.increment("n", 5)], op_id="job-1/step-3")
     again = state.update(group, "k", [ops.increment("n", 5)], op_id="job-1/step-3")

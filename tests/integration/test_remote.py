@@ -12,6 +12,9 @@ from shardstate import ops
 
 pytestmark = pytest.mark.timeout(120)
 
+#: the tests that also run on the Ray-call transport (the rest run on the default only)
+BOTH_TRANSPORTS = pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)
+
 
 def test_connect_inside_a_task(state: shardstate.StateClient, group: str) -> None:
     @ray.remote
@@ -27,6 +30,7 @@ def test_connect_inside_a_task(state: shardstate.StateClient, group: str) -> Non
     assert state.get(group, "from-task") == 42
 
 
+@BOTH_TRANSPORTS
 def test_client_passed_to_a_task(state: shardstate.StateClient, group: str) -> None:
     @ray.remote
     def step(client: shardstate.StateClient) -> object:
@@ -52,16 +56,18 @@ def test_connect_inside_an_actor(state: shardstate.StateClient, group: str) -> N
     ray.kill(actor)
 
 
+@BOTH_TRANSPORTS
 def test_async_client_inside_an_async_actor(state: shardstate.StateClient, group: str) -> None:
     @ray.remote
     class AsyncStep:
-        async def run(self, cluster: str, n: int) -> object:
-            astate = await shardstate.connect_async(cluster=cluster)
+        async def run(self, cluster: str, n: int, transport: str) -> object:
+            astate = await shardstate.connect_async(cluster=cluster, transport=transport)
+            assert astate.transport == transport
             await asyncio.gather(*(astate.update(group, "a", [ops.increment("n")]) for _ in range(n)))
             return await astate.get(group, "a")
 
     actor = AsyncStep.remote()
-    assert ray.get(actor.run.remote(state.cluster, 50)) == {"n": 50}
+    assert ray.get(actor.run.remote(state.cluster, 50, state.transport)) == {"n": 50}
     ray.kill(actor)
 
 

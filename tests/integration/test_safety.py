@@ -30,6 +30,9 @@ from shardstate.shards import commands as C
 
 pytestmark = pytest.mark.timeout(300)
 
+#: the tests that also run on the Ray-call transport (the rest run on the default only)
+BOTH_TRANSPORTS = pytest.mark.parametrize("state", ["socket", "ray"], indirect=True)
+
 
 def owner(state: shardstate.StateClient, group: str) -> dict[str, Any]:
     return state.shard_info()[state._link.current().owners[slot_of(group)]]
@@ -59,6 +62,7 @@ def stream_plain_increments(state: shardstate.StateClient, group: str, calls: in
     return calls
 
 
+@BOTH_TRANSPORTS
 def test_sigkill_with_automatic_op_ids_sync_tasks(state: shardstate.StateClient, group: str) -> None:
     refs = [stream_plain_increments.remote(state, group, 150) for _ in range(12)]
     pid, at_kill = kill_when(state, group, "counter", 300)
@@ -68,13 +72,14 @@ def test_sigkill_with_automatic_op_ids_sync_tasks(state: shardstate.StateClient,
     assert state.get(group, "counter") == {"n": 1800}  # none lost, none applied twice
 
 
+@BOTH_TRANSPORTS
 def test_sigkill_with_automatic_op_ids_async_lanes(state: shardstate.StateClient, group: str) -> None:
     """Several batches in flight per lane when the shard dies: each is retried and applies once."""
     waves, per_wave = 30, 400
     total = waves * per_wave
 
     async def flood() -> list[Any]:
-        astate = await shardstate.connect_async(state.cluster)
+        astate = await shardstate.connect_async(state.cluster, transport=state.transport)
         done: list[Any] = []
         for _ in range(waves):  # waves of concurrent calls: the stream lasts long enough to be hit
             calls = [astate.update(group, "counter", [ops.increment("n")]) for _ in range(per_wave)]
@@ -100,13 +105,14 @@ def test_sigkill_with_automatic_op_ids_async_lanes(state: shardstate.StateClient
 # --------------------------------------------------------------------------------------------
 
 
+@BOTH_TRANSPORTS
 def test_callers_that_do_not_wait_keep_their_order(state: shardstate.StateClient, group: str) -> None:
     """Each caller fires all its calls at once (tasks created in order, nothing awaited between):
     its writes apply in its order and each read sees exactly its own preceding write."""
     callers, per_caller = 8, 400
 
     async def run() -> list[list[Any]]:
-        astate = await shardstate.connect_async(state.cluster)
+        astate = await shardstate.connect_async(state.cluster, transport=state.transport)
         fired: list[list[asyncio.Task[Any]]] = [[] for _ in range(callers)]
         for i in range(per_caller):  # interleaved: caller 0's call i, caller 1's call i, ...
             for c in range(callers):
@@ -205,7 +211,7 @@ def test_undecodable_values_in_coalesced_batches_threads_and_asyncio(
 
     # asyncio: several batches in flight on one lane, undecodable reads among them
     async def run() -> list[Any]:
-        astate = await shardstate.connect_async(state.cluster)
+        astate = await shardstate.connect_async(state.cluster, transport=state.transport)
         calls = []
         for j in range(3000):
             if j % 10 == 0:
@@ -277,6 +283,7 @@ def test_export_leaves_system_groups_out_while_a_trigger_exists(
 # --------------------------------------------------------------------------------------------
 
 
+@BOTH_TRANSPORTS
 def test_large_bulk_reads_and_writes_are_bounded_and_exact(state: shardstate.StateClient, group: str) -> None:
     """~240 MiB through set_many, get_many, items and a flood of concurrent gets: every value comes
     back right, in order, from the same shard process (no answer larger than the shard's budget)."""
@@ -293,7 +300,7 @@ def test_large_bulk_reads_and_writes_are_bounded_and_exact(state: shardstate.Sta
     assert [i.key for i in via_router] == list(values)
 
     async def flood() -> list[Any]:
-        astate = await shardstate.connect_async(state.cluster)
+        astate = await shardstate.connect_async(state.cluster, transport=state.transport)
         calls: list[Any] = []
         for i in range(n):  # one lane, several batches in flight, reads and writes interleaved
             calls.append(astate.get(group, f"k{i:03}"))

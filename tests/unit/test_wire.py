@@ -408,3 +408,25 @@ def test_a_shard_serializes_socket_and_direct_batches(
         assert shard._wire is not None
         shard._wire.close()
         shard.storage.close()
+
+
+def test_the_unix_socket_authenticates_too_and_is_private() -> None:
+    def handler(packed: bytes, lane: str | None, resume: bool) -> bytes:
+        return packed[::-1]
+
+    srv = WireServer("127.0.0.1", SECRET, handler, unix=True)
+    try:
+        assert srv.path is not None
+        assert os.stat(os.path.dirname(srv.path)).st_mode & 0o777 == 0o700  # only this user enters
+        with ShardConnection(srv.path, SECRET) as conn:
+            assert conn.call(b"abc") == b"cba"
+        with pytest.raises(AuthenticationError):
+            ShardConnection(srv.path, b"w" * 32)
+        with socket.socket(socket.AF_UNIX) as bad:  # a frame without the handshake: closed, unread
+            bad.connect(srv.path)
+            bad.sendall(struct.pack(">I", 5) + b"hello")
+            assert closed_by_peer(bad)
+        assert srv.stats()["requests"] == 1
+    finally:
+        srv.close()
+    assert not os.path.exists(srv.path)
