@@ -363,6 +363,8 @@ class FollowStream:
                     continue
                 sock.settimeout(FRAME_BODY_TIMEOUT + len(body) / (1 << 20))
                 write_frame(sock, body)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the peer went away mid-frame: a reader that closed, not a protocol error
         finally:
             with self._cond:
                 self.is_closed = True
