@@ -293,10 +293,10 @@ class ShardEngine:
 
     def _trim(self) -> None:
         """Drop acknowledged events beyond the recent tail kept for watchers."""
-        log = self.events
+        log, acked = self.events, self.acked_seq
         while (
             log
-            and log[0].seq <= self.acked_seq
+            and log[0].seq <= acked
             and (len(log) > RECENT_EVENTS or self._event_bytes > RECENT_EVENT_BYTES)
         ):
             event = log.popleft()
@@ -306,33 +306,44 @@ class ShardEngine:
                 self._event_bytes += len(event.new or b"")  # the next event now holds it alone
 
     def _log(self, event: Event) -> None:
-        """Append ``event`` to the in-memory log, linking it to the event its old value comes from.
+        """Append ``event`` (from storage) to the in-memory log, linked as :meth:`_emit` links."""
+        shared = self._link_base(event.group_id, event.key, event.base, event.old, event.seq)
+        self.events.append(event)
+        self._event_bytes += _event_size(event, None if shared else event.old)
 
-        Values are counted once: an old value that is the very bytes object of an event still in
-        the log is that event's, until it is trimmed (then it is counted for the event that keeps
-        it)."""
-        log, shared = self.events, None
-        base = event.base
-        if base and log and log[0].seq <= base <= log[-1].seq:
-            prev = log[base - log[0].seq]
-            if prev.group_id == event.group_id and prev.key == event.key:
-                self._successor[base] = event.seq
-                shared = prev.new
-        log.append(event)
-        self._event_bytes += _event_size(event, None if event.old is shared else event.old)
+    def _link_base(
+        self, group_id: str, key: str, base: int, old: bytes | None, seq: int, link: bool = True
+    ) -> bool | None:
+        """Whether event ``base`` (the one that wrote event ``seq``'s old value) is still in the log
+        and of the same key: True if ``old`` is its very bytes object, False if only equal; None if
+        there is no such event. ``link``: remember the pair (see :meth:`_rebase`, :meth:`_trim`).
 
-    def _base_of(self, group_id: str, key: str, current: Entry | None) -> int:
-        """The seq of the event still in the log that wrote ``current`` (the key's value), or 0."""
+        Values of durable events are counted once: an old value that is the very object of a
+        linked event still in the log is that event's until it is trimmed (then it is counted for
+        the event that keeps it). Memory-only events (nobody listens) are not linked, a cost their
+        writes do not pay: their old values are counted as if they were copies."""
         log = self.events
-        if current is None or not log:
-            return 0
-        first, seq = log[0].seq, current.version  # versions are seqs (older files: a count per key)
-        if not first <= seq <= log[-1].seq:
-            return 0
-        prev = log[seq - first]
+        if not base or not log:
+            return None
+        last = log[-1]
+        if last.seq == base:  # the common case: the key's previous write was the shard's last
+            prev = last
+        else:
+            first = log[0].seq
+            if not first <= base < last.seq:
+                return None
+            prev = log[base - first]
         if prev.group_id != group_id or prev.key != key:
-            return 0
-        return seq if prev.new is current.data or prev.new == current.data else 0
+            return None
+        if prev.new is old:
+            shared = True
+        elif prev.new == old:
+            shared = False
+        else:
+            return None
+        if link:
+            self._successor[base] = seq
+        return shared
 
     def _emit(
         self,
@@ -343,17 +354,34 @@ class ShardEngine:
         new: bytes | None,
         ops: bytes | None = None,
     ) -> None:
-        old = None if current is None else current.data
-        base = self._base_of(group_id, key, current)
-        self.seq += 1
-        event = Event(self.seq, kind, group_id, key, old, new, self._now, base, ops)
-        self._log(event)
+        """Log the event of a write (its old value is ``current``'s, its base the event that wrote
+        it: versions are seqs; older files counted versions per key, so the log must confirm it)."""
+        seq = self.seq = self.seq + 1
+        durable = self.durable_events
+        log = self.events
+        if current is None:
+            old, base, shared = None, 0, False
+        else:
+            old, base = current.data, current.version
+            last = log[-1] if log else None
+            if last is not None and last.seq == base and last.new is old and last.key == key:
+                shared = durable  # the hot path: the key's previous write was the shard's last event
+                if durable:
+                    self._successor[base] = seq
+            else:
+                found = self._link_base(group_id, key, base, old, seq, durable)
+                base = 0 if found is None else base
+                shared = bool(found) and durable
+        event = _new_event(Event, (seq, kind, group_id, key, old, new, self._now, base, ops))
+        log.append(event)
+        self._event_bytes += len(new or b"") + len(ops or b"") + 100 + (0 if shared else len(old or b""))
         self._fresh.append(event)
         if self.durable_events:
             self._changes.events.append(event)
         else:  # nobody listens: acknowledged as it happens (storage keeps only the seq)
-            self.acked_seq = self._changes.acked_seq = self.seq
-            self._trim()
+            self.acked_seq = self._changes.acked_seq = seq
+            if len(self.events) > RECENT_EVENTS or self._event_bytes > RECENT_EVENT_BYTES:
+                self._trim()
 
     @property
     def expiry_heap_size(self) -> int:
@@ -543,7 +571,7 @@ class ShardEngine:
         entry = Entry(data, self.seq + 1, self._now, expires_at)  # its version: the seq _emit gives
         self.store.put(group_id, key, entry)
         self._changes.put(group_id, key, entry, created=current is None)
-        kept_ops = None if ops is None else delta_ops(data, ops)
+        kept_ops = None if ops is None or len(data) < VALUE_REF_MIN else delta_ops(data, ops)
         self._emit(CREATED if current is None else UPDATED, group_id, key, current, data, kept_ops)
         if expires_at is not None or self._deadlines:
             self._set_deadline(group_id, key, expires_at)
@@ -709,6 +737,9 @@ class _Forgotten:
 
 _FORGOTTEN = _Forgotten()
 _STORED: Any = object()  # an op result that is in storage, not in memory
+
+
+_new_event = tuple.__new__  # Event(...) without the namedtuple constructor's overhead
 
 
 def _event_size(event: Event, old: bytes | None) -> int:
