@@ -120,6 +120,8 @@ class ShardActor:
         #: the last seq queued in the outbox (where a new follow stream starts)
         self._outbox_head = 0
         self._followers: list[EventFollower] = []
+        #: how many of them are watchers (they also take memory-only events)
+        self._watchers = 0
         self.pushes_dropped = 0
         #: the one-engine invariant (module docstring): held by every use of the engine
         self._engine_lock = threading.Lock()
@@ -440,10 +442,11 @@ class ShardActor:
     def _notify(self, durable: list[Event], fresh: list[Event]) -> None:
         """Queue newly committed events and wake the notifier (after the commit; it costs the
         batch an append and a wake-up, not the push itself). Events nobody follows (memory-only,
-        no stream open) are not queued: writes nobody listens to wake no thread."""
+        and no watcher's stream open: subscribers only take durable ones) are not queued: writes
+        nobody listens to wake no thread."""
         with self._outbox_lock:
             self._outbox_head = fresh[-1].seq
-            if not durable and not self._followers:
+            if not durable and not self._watchers:
                 return
             self._outbox.append((durable, fresh))
         self._outbox_ready.set()
@@ -517,12 +520,14 @@ class ShardActor:
             follower = EventFollower(spec, stream.send, start=self._outbox_head)
             stream.send(ready_frame(follower.start, self.index))  # before any frame the notifier sends
             self._followers = [*live, follower]
+            self._watchers = sum(f.spec.kind != SUBSCRIBER for f in self._followers)
         return _Following(self, follower)
 
     def _unfollow(self, follower: EventFollower) -> None:
         follower.gone = True
         with self._outbox_lock:
             self._followers = [f for f in self._followers if f is not follower]
+            self._watchers = sum(f.spec.kind != SUBSCRIBER for f in self._followers)
 
     def _require_ready(self) -> None:
         if self.phase != READY:
