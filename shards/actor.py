@@ -446,10 +446,13 @@ class ShardActor:
     # -- events -------------------------------------------------------------------------------
     def _notify(self, durable: list[Event], fresh: list[Event]) -> None:
         """Queue newly committed events and wake the notifier (after the commit; it costs the
-        batch an append and a wake-up, not the push itself)."""
+        batch an append and a wake-up, not the push itself). Events nobody follows (memory-only,
+        no stream open) are not queued: writes nobody listens to wake no thread."""
         with self._outbox_lock:
-            self._outbox.append((durable, fresh))
             self._outbox_head = fresh[-1].seq
+            if not durable and not self._followers:
+                return
+            self._outbox.append((durable, fresh))
         self._outbox_ready.set()
 
     def _notifier(self) -> None:
