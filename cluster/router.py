@@ -253,12 +253,16 @@ class RouterActor:
         """Every shard's ``info()``, in shard order."""
         return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
 
-    def shutdown(self) -> int:
+    async def shutdown(self) -> int:
         """Stop every shard and subscriber actor; return how many shards were stopped.
 
-        The metadata stays (the cluster can be created again and finds its files), except a memory
-        cluster's settings: it has no data to come back to (its incarnations stay, so event ids
-        never repeat)."""
+        Shards first close their own connections (a client holding one gets ``Unavailable`` at
+        once, as on the Ray path), then every actor is killed. The metadata stays (the cluster can
+        be created again and finds its files), except a memory cluster's settings: it has no data
+        to come back to (its incarnations stay, so event ids never repeat)."""
+        closing = [asyncio.ensure_future(_quietly(s.stop_serving.remote())) for s in self.shards]
+        if closing:
+            await asyncio.wait(closing, timeout=10)
         for actor in [*self.subscribers, *self.shards]:
             ray.kill(actor, no_restart=True)
         if self.config.durability == "memory":
@@ -386,6 +390,13 @@ async def _address(shard: Any, timeout: float) -> tuple[str, int] | None:
     except (asyncio.TimeoutError, RayActorError):
         return None
     return None if address is None else (str(address[0]), int(address[1]))
+
+
+async def _quietly(ref: Any) -> None:
+    try:
+        await ref
+    except Exception:
+        pass
 
 
 async def _endpoint(shard: Any, timeout: float) -> tuple[str, int, str | None, str | None] | None:

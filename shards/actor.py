@@ -212,6 +212,13 @@ class ShardActor:
             self._wire = WireServer(host, secret, self.run, unix=unix, follow=self._follow)
         return self._wire.address
 
+    def stop_serving(self) -> None:
+        """Close the shard's own connection (no new ones, open ones dropped): ``shutdown()`` calls
+        it before killing the shard, so clients holding a connection see the cluster gone at once."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            wire.close()
+
     def address(self) -> tuple[str, int] | None:
         """``(host, port)`` of the shard's own connection; None while loading or without one."""
         return None if self._wire is None else self._wire.address
