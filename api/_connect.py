@@ -70,6 +70,7 @@ def connect(
     max_value_size: int | None = None,
     op_retention: float | None = None,
     wire_host: str | None = None,
+    replicas: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     transport: str | None = None,
@@ -80,7 +81,9 @@ def connect(
     Ray. ``shards`` (default 4), ``storage`` (default ``~/.shardstate``; files under
     ``<storage>/<cluster>/``), ``durability`` (``"os"`` default, ``"fsync"``, ``"memory"``),
     ``max_value_size`` (default 16 MiB), ``op_retention`` (default 24 h) and ``wire_host`` (where
-    shards listen for clients: ``"127.0.0.1"`` default, ``"node"`` for the node's IP) apply when
+    shards listen for clients: ``"127.0.0.1"`` default, ``"node"`` for the node's IP) and
+    ``replicas`` (backups per shard on other nodes, with automatic failover; default 0 on a
+    one-node Ray, 1 on more nodes) apply when
     the cluster is created; an existing cluster keeps its own (also across restarts: they are stored in Ray's
     GCS) and a differing request is reported with a ``ClusterMismatchWarning``. ``timeout`` bounds
     every call; ``retry_timeout`` bounds retries while a shard restarts or loads (then
@@ -99,6 +102,7 @@ def connect(
         max_value_size=max_value_size,
         op_retention=op_retention,
         wire_host=wire_host,
+        replicas=replicas,
     )
     link = _link(cluster, settings, address, timeout, retry_timeout, _transport(transport))
     return StateClient(link)
@@ -114,6 +118,7 @@ async def connect_async(
     max_value_size: int | None = None,
     op_retention: float | None = None,
     wire_host: str | None = None,
+    replicas: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     retry_timeout: float = DEFAULT_RETRY_TIMEOUT,
     transport: str | None = None,
@@ -126,6 +131,7 @@ async def connect_async(
         max_value_size=max_value_size,
         op_retention=op_retention,
         wire_host=wire_host,
+        replicas=replicas,
     )
     chosen = _transport(transport)
     link = await asyncio.to_thread(_link, cluster, settings, address, timeout, retry_timeout, chosen)

@@ -24,7 +24,15 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from shardstate._errors import Deferred, InvalidInput, ShardLoading, StaleShardMap, StateError, Unavailable
+from shardstate._errors import (
+    Deferred,
+    InvalidInput,
+    NotPrimary,
+    ShardLoading,
+    StaleShardMap,
+    StateError,
+    Unavailable,
+)
 from shardstate._requests import GROUPS_COMMAND, Page, Request, decode_payload, merge_groups, next_page
 from shardstate._retry import Backoff
 from shardstate._transport import ShardGone
@@ -201,6 +209,16 @@ def fail(slots: Sequence[Slot], error: StateError) -> None:
         slot.settle(False, error)
 
 
+def answers(raw: bytes) -> list[Any]:
+    """A shard's unpacked answer to a batch. A member that is not (or no longer) its shard's
+    primary answers :class:`NotPrimary` without executing anything: that is :class:`ShardGone`
+    (refresh the map, send the same batch again to the new primary)."""
+    results = unpack(raw)
+    if results and not results[0][0] and isinstance(results[0][1], NotPrimary):
+        raise ShardGone(str(results[0][1]))
+    return results  # type: ignore[no-any-return]
+
+
 def _is_retry(payload: Any) -> bool:
     return isinstance(payload, (StaleShardMap, ShardLoading, Deferred))
 
@@ -233,7 +251,7 @@ def _alone(link: ClusterLink, req: Request) -> Proc:
         view: ShardView = yield CURRENT
         shard = view.owners[slot_of(req.group_id)]
         try:
-            results = unpack((yield Send(shard, packed)))
+            results = answers((yield Send(shard, packed)))
         except ShardGone as exc:  # the shard died mid-call: it restarts from storage
             backoff = backoff or Backoff(link)
             yield Retry(backoff, exc)
@@ -282,7 +300,7 @@ def exchange(
         try:
             resend = lane is not None and backoff is not None  # after a crash: the lane resumes
             raw = yield (Receive(first) if first is not None else Send(shard, packed, lane, resend))
-            results = unpack(raw)
+            results = answers(raw)
             break
         except ShardGone as exc:  # the shard died (or the connection broke): send it all again
             first = None
@@ -414,7 +432,7 @@ def _ask(link: ClusterLink, shard: int, packed: bytes, answer: Any = None) -> Pr
     backoff: Backoff | None = None
     while True:
         try:
-            results = unpack((yield Receive(answer) if answer is not None else Send(shard, packed)))
+            results = answers((yield Receive(answer) if answer is not None else Send(shard, packed)))
         except ShardGone as exc:
             answer = None
             backoff = backoff or Backoff(link)

@@ -13,6 +13,9 @@ Every error a caller can see derives from :class:`StateError`::
         │                         come back in time (``retriable`` is True)
         ├── StaleShardMap         internal: a shard no longer owns the group's slot; the client
         │                         refreshes its map and retries, callers normally never see it
+        ├── NotPrimary            internal: the member asked is not its shard's primary (a backup,
+        │                         or a primary deposed by a failover); nothing was executed, the
+        │                         client refreshes its map and sends the batch to the new primary
         └── Deferred              internal: the shard did not run the command (its batch's answer
             │                     was already large); the client sends it again, in order
             └── ShardLoading      internal: the shard is still loading its storage ("loading, N%");
@@ -117,6 +120,11 @@ class StaleShardMap(Unavailable):
     """A shard answered that it does not own the group's slot (the caller's shard map is old)."""
 
 
+class NotPrimary(Unavailable):
+    """The shard member asked is not (or no longer) its shard's primary: a backup, or a primary
+    deposed by a failover. Nothing was executed; clients find the new primary and send it again."""
+
+
 class Deferred(Unavailable):
     """The shard did not run this command: its batch's answer had reached the size budget.
 
@@ -142,6 +150,7 @@ ERROR_CLASSES: tuple[type[StateError], ...] = (
     DecodeError,
     Unavailable,
     StaleShardMap,
+    NotPrimary,
     ShardLoading,
     Deferred,
 )

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from shardstate._errors import ShardLoading, StateError, Unavailable
 from shardstate._transport import (
@@ -36,6 +36,8 @@ from shardstate.shards.wire import AuthenticationError
 #: Seconds after which a map in which some shard has no connection yet (it was loading) is
 #: fetched again, so that shard's calls move to its connection once it has one.
 RECHECK = 1.0
+#: Seconds between tries to reach a restarting router
+ROUTER_RETRY = 0.1
 
 
 class ShardView(NamedTuple):
@@ -211,21 +213,34 @@ class ClusterLink:
             return self.view or view
 
     def refresh(self) -> ShardView:
-        """Fetch the map from the router (blocking)."""
+        """Fetch the map from the router (blocking; while the router restarts, wait for it within
+        ``retry_timeout``)."""
         self.check_open()
-        try:
-            return self._adopt(ray.get(self._asks(), timeout=self.timeout))
-        except (RayError, GetTimeoutError) as exc:
-            raise self.unavailable(exc) from exc
+        started = time.monotonic()
+        while True:
+            try:
+                return self._adopt(ray.get(self._asks(), timeout=self.timeout))
+            except ActorUnavailableError as exc:  # the router is restarting: it rebuilds from the GCS
+                if time.monotonic() - started > self.retry_timeout:
+                    raise self.unavailable(exc) from exc
+                time.sleep(ROUTER_RETRY)
+            except (RayError, GetTimeoutError) as exc:
+                raise self.unavailable(exc) from exc
 
     async def refresh_async(self) -> ShardView:
-        """Fetch the map from the router (awaitable)."""
+        """Fetch the map from the router (awaitable; waits for a restarting router like :meth:`refresh`)."""
         self.check_open()
-        try:
-            answers = await asyncio.wait_for(asyncio.gather(*self._asks()), self.timeout)
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise self.unavailable(exc) from exc
-        return self._adopt(list(answers))
+        started = time.monotonic()
+        while True:
+            try:
+                answers = await asyncio.wait_for(asyncio.gather(*self._asks()), self.timeout)
+                return self._adopt(list(answers))
+            except ActorUnavailableError as exc:
+                if time.monotonic() - started > self.retry_timeout:
+                    raise self.unavailable(exc) from exc
+                await asyncio.sleep(ROUTER_RETRY)
+            except (RayError, asyncio.TimeoutError) as exc:
+                raise self.unavailable(exc) from exc
 
     def wait_for_load(self, shard: int, error: ShardLoading) -> float:
         """Seconds to wait before sending to a loading shard again; ``Unavailable`` once it has been

@@ -8,11 +8,13 @@ namespace, detached, so they outlive the driver that created them.
 
 from __future__ import annotations
 
+import time
 import uuid
 import warnings
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError
 
 from shardstate._errors import Unavailable
 from shardstate.cluster.config import NAMESPACE, ClusterConfig, router_name
@@ -21,6 +23,11 @@ from shardstate.cluster.router import router_actor_class, subscriber_count
 
 class ClusterMismatchWarning(UserWarning):
     """``connect()`` asked for settings that differ from the existing cluster's (which win)."""
+
+
+class DegradedWarning(UserWarning):
+    """The cluster serves, but some shard has fewer backups in sync than its ``replicas`` (too few
+    nodes, or a backup still catching up): losing a node now could lose acknowledged writes."""
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -81,6 +88,8 @@ def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[
             f"state cluster {config.name!r} is running but cannot serve: {problems} (it keeps running; "
             f"after fixing the cause, shardstate.shutdown({config.name!r}) and connect again)"
         )
+    for problem in answer.get("warnings", []):
+        warnings.warn(f"state cluster {config.name!r} is degraded: {problem}", DegradedWarning, stacklevel=3)
     actual: dict[str, Any] = answer["settings"]
     for field, value in requested.items():
         if actual.get(field) != value:
@@ -109,10 +118,16 @@ def stop_cluster(cluster: str, *, timeout: float = 60.0) -> bool:
 
 def cluster_settings(router: Any, timeout: float = 120.0) -> dict[str, Any]:
     """The settings of the cluster behind ``router``."""
-    try:
-        return ray.get(router.settings.remote(), timeout=timeout)  # type: ignore[no-any-return]
-    except Exception as exc:
-        raise Unavailable(f"state cluster did not answer: {exc}") from exc
+    started = time.monotonic()
+    while True:
+        try:
+            return ray.get(router.settings.remote(), timeout=timeout)  # type: ignore[no-any-return]
+        except ActorUnavailableError as exc:  # restarting (its node was lost): it comes back
+            if time.monotonic() - started > timeout:
+                raise Unavailable(f"state cluster did not answer: {exc}") from exc
+            time.sleep(0.1)
+        except Exception as exc:
+            raise Unavailable(f"state cluster did not answer: {exc}") from exc
 
 
 def _discard(config: ClusterConfig) -> None:
@@ -120,6 +135,14 @@ def _discard(config: ClusterConfig) -> None:
     names = [config.router_name()]
     names += [config.subscriber_name(i) for i in range(subscriber_count(config.shards))]
     names += [config.shard_name(i) for i in range(config.shards)]
+    try:  # a replicated cluster's members (numbered as they were made)
+        prefix = f"{config.name}:shard:"
+        listed = ray.util.list_named_actors(all_namespaces=True)
+        names += [
+            a["name"] for a in listed if a.get("namespace") == NAMESPACE and a["name"].startswith(prefix)
+        ]
+    except Exception:
+        pass
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)

@@ -20,6 +20,8 @@ DEFAULT_STORAGE = "~/.shardstate"
 DEFAULT_DURABILITY = "os"
 #: Where shards listen for clients' connections: loopback unless the cluster is told otherwise
 DEFAULT_WIRE_HOST = "127.0.0.1"
+#: Backups per shard, at most (each on its own node)
+MAX_REPLICAS = 4
 
 _CLUSTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -34,7 +36,9 @@ class ClusterConfig:
     idempotent write's result is remembered. ``wire_host``: where each shard listens for client
     connections: ``"127.0.0.1"`` (default: clients on the shard's own node use the connection,
     others the Ray path), ``"node"`` (the node's IP: every node's clients connect; for a multi-node
-    cluster on a trusted network), or an explicit address.
+    cluster on a trusted network), or an explicit address. ``replicas``: backups per shard, each
+    a shard actor on another node than its primary (``None``: chosen when the cluster is created,
+    0 on a one-node Ray, 1 with more nodes; see :func:`resolve_replicas`).
     """
 
     name: str = DEFAULT_CLUSTER
@@ -44,6 +48,7 @@ class ClusterConfig:
     max_value_size: int = DEFAULT_MAX_VALUE_SIZE
     op_retention: float = DEFAULT_OP_RETENTION
     wire_host: str = DEFAULT_WIRE_HOST
+    replicas: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _CLUSTER_NAME.match(self.name):
@@ -73,6 +78,12 @@ class ClusterConfig:
 
         if not isinstance(self.wire_host, str) or not self.wire_host or len(self.wire_host) > 255:
             raise InvalidInput(f"wire_host must be 'node' or an address, got {self.wire_host!r}")
+        if self.replicas is not None and (
+            not isinstance(self.replicas, int)
+            or isinstance(self.replicas, bool)
+            or not 0 <= self.replicas <= MAX_REPLICAS
+        ):
+            raise InvalidInput(f"replicas must be an int from 0 to {MAX_REPLICAS}, got {self.replicas!r}")
 
     def directory(self) -> str:
         """This cluster's storage directory (``~`` not yet expanded: each node expands its own)."""
@@ -83,8 +94,12 @@ class ClusterConfig:
         return router_name(self.name)
 
     def shard_name(self, index: int) -> str:
-        """The Ray actor name of shard ``index``."""
+        """The Ray actor name of shard ``index`` (of a cluster without replicas)."""
         return f"{self.name}:shard:{index}"
+
+    def member_name(self, index: int, member: int) -> str:
+        """The Ray actor name of member ``member`` (a primary or a backup) of replicated shard ``index``."""
+        return f"{self.name}:shard:{index}:{member}"
 
     def subscriber_name(self, index: int) -> str:
         """The Ray actor name of subscriber ``index``."""
@@ -98,3 +113,11 @@ class ClusterConfig:
 def router_name(cluster: str) -> str:
     """The Ray actor name of cluster ``cluster``'s router."""
     return f"{cluster}:router"
+
+
+def resolve_replicas(replicas: int | None, alive_nodes: int) -> int:
+    """The replica count a new cluster gets: the one asked for, else 0 on a one-node Ray and 1 with
+    more nodes (a lost node then costs no data)."""
+    if replicas is not None:
+        return replicas
+    return 1 if alive_nodes > 1 else 0

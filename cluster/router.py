@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import json
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from shardstate._requests import (
     update_request,
 )
 from shardstate.cluster import metadata
-from shardstate.cluster.config import NAMESPACE, ClusterConfig
+from shardstate.cluster.config import NAMESPACE, ClusterConfig, resolve_replicas
+from shardstate.cluster.failover import Controller
 from shardstate.cluster.placement import place_shard
 from shardstate.cluster.slots import SlotMap
 from shardstate.cluster.subscriber import subscriber_actor_class
@@ -83,7 +86,11 @@ class RouterActor:
         self.config = ClusterConfig(**config)
         self.cluster_id: str | None = None
         self.map = SlotMap.initial(self.config.shards)
-        self.shards: builtins.list[Any] = []
+        self._plain: builtins.list[Any] = []
+        #: a replicated cluster's failover controller (None: no replicas)
+        self.controller: Controller | None = None
+        #: per replicated shard the last primary handle seen (a client retries a dead one)
+        self._last_primary: dict[int, Any] = {}
         self.subscribers: builtins.list[Any] = []
         self.start_error: str | None = None
         try:
@@ -91,16 +98,48 @@ class RouterActor:
         except Exception as exc:  # reported by ready(); the caller that created us cleans up
             self.start_error = f"{type(exc).__name__}: {exc}"
 
+    @property
+    def shards(self) -> builtins.list[Any]:
+        """Per shard the actor that serves it: the shard, or a replicated shard's primary."""
+        if self.controller is None:
+            return self._plain
+        out = []
+        for i in range(self.config.shards):
+            handle = self.controller.primary_handle(i)
+            if handle is not None:
+                self._last_primary[i] = handle
+            out.append(self._last_primary.get(i))
+        return out
+
     def _start(self, requested: ClusterConfig) -> None:
+        if requested.replicas is None:  # a new cluster: chosen by the nodes there are now
+            requested = replace(requested, replicas=resolve_replicas(None, len(_alive_nodes())))
         record, migrated = _cluster_record(requested)
         self.cluster_id = record["id"]
         metadata.secret(requested.name)  # made with the cluster, before any shard serves
-        self.config = ClusterConfig(**{**record["config"], "name": requested.name})
+        self.config = ClusterConfig(**{"replicas": 0, **record["config"], "name": requested.name})
+        if self.config.replicas is None:  # recorded by a version without replicas
+            self.config = replace(self.config, replicas=0)
         self.map = SlotMap.initial(self.config.shards)
         self.manifest_path: Path | None = None
         if self.config.durability != "memory":
             self.manifest_path = Path(os.path.expanduser(self.config.directory())) / MANIFEST
-        self.shards = [self._shard(i, migrated) for i in range(self.config.shards)]
+        if self.config.replicas:
+            self.controller = Controller(
+                self.config.name,
+                self.config.shards,
+                int(self.config.replicas),
+                spawn=self._member,
+                find=self._find_member,
+                kill=_kill,
+                alive_nodes=lambda: [node for node, _ip in _alive_nodes()],
+                on_change=lambda _shard: None,
+                secret=metadata.secret(self.config.name),
+                my_ip=ray.util.get_node_ip_address(),
+            )
+            self.controller.start()
+        else:
+            self._plain = [self._shard(i, migrated) for i in range(self.config.shards)]
         self.subscribers = [
             subscriber_actor_class.options(
                 name=self.config.subscriber_name(i),
@@ -147,6 +186,58 @@ class RouterActor:
             cfg.wire_host,
         )
 
+    def _member(self, index: int, member: int, node_id: str) -> Any:
+        """A new member actor of replicated shard ``index``, on node ``node_id`` (never elsewhere: a
+        backup must not share its primary's node)."""
+        cfg = self.config
+        durable = cfg.durability != "memory"
+        return shard_actor_class.options(
+            name=cfg.member_name(index, member),
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        ).remote(
+            cfg.name,
+            index,
+            self.map.slots_of(index),
+            self.map.epoch,
+            cfg.max_value_size,
+            cfg.directory() if durable else None,
+            cfg.durability,
+            False,
+            cfg.op_retention,
+            SWEEP_INTERVAL,
+            cfg.subscriber_name(index % subscriber_count(cfg.shards)),
+            self.cluster_id,
+            cfg.wire_host,
+            member,
+        )
+
+    def _find_member(self, index: int, member: int) -> Any:
+        try:
+            return ray.get_actor(self.config.member_name(index, member), namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    # -- replication (the members' calls, and what operators see) ------------------------------
+    def shard_handle(self, index: int) -> Any:
+        """The actor serving shard ``index`` now (a replicated shard's primary; None: none yet)."""
+        return self.shards[index]
+
+    def mark_in_sync(self, index: int, term: int, member: int) -> bool:
+        """A primary of ``term`` brought ``member`` up to date (see ``Controller.mark_in_sync``)."""
+        return self.controller is not None and self.controller.mark_in_sync(index, term, member)
+
+    def drop_backup(self, index: int, term: int, member: int) -> bool:
+        """A primary of ``term`` lost backup ``member`` (see ``Controller.drop_backup``)."""
+        return self.controller is not None and self.controller.drop_backup(index, term, member)
+
+    def replication(self) -> builtins.list[dict[str, Any]]:
+        """Per shard its term (epoch), primary, in-sync backups, members and their last heartbeats
+        (empty without replicas)."""
+        return [] if self.controller is None else self.controller.status()
+
     # -- cluster management -------------------------------------------------------------------
     async def ready(
         self, token: str | None = None, wait: float = READY_WAIT, limit: float = 100.0
@@ -160,6 +251,8 @@ class RouterActor:
         """
         if self.start_error is not None:
             return self._answer(token, [f"state cluster {self.config.name!r}: {self.start_error}"])
+        if self.controller is not None:
+            return await self._ready_replicated(token, wait, limit)
         started = time.monotonic()
         pending = dict(enumerate(self.shards))
         errors: builtins.list[str] = []
@@ -183,6 +276,24 @@ class RouterActor:
             for sub in self.subscribers:
                 sub.ensure_running.remote()  # starts the pumps (they pick up unacknowledged events)
         return self._answer(token, errors)
+
+    async def _ready_replicated(self, token: str | None, wait: float, limit: float) -> dict[str, Any]:
+        """A replicated cluster is ready when every shard has a serving primary; its backups are
+        waited for up to ``wait`` s more (until then, and with too few nodes, it runs degraded:
+        the answer's ``warnings`` say so)."""
+        assert self.controller is not None
+        missing = await asyncio.to_thread(self.controller.wait_in_sync, max(wait, 1.0))
+        errors: builtins.list[str] = []
+        if any("no serving primary" in m for m in missing):
+            more = await asyncio.to_thread(self.controller.wait_in_sync, limit)
+            errors = [m for m in more if "no serving primary" in m]
+            missing = more
+        if not errors:
+            for sub in self.subscribers:
+                sub.ensure_running.remote()
+        answer = self._answer(token, errors)
+        answer["warnings"] = [m for m in missing if "no serving primary" not in m]
+        return answer
 
     def _where(self, index: int) -> str:
         record = metadata.shard_record(self.config.name, index)
@@ -241,7 +352,10 @@ class RouterActor:
         path)`` (None while it has
         none: loading, restarting, not answering within ``timeout`` s; use its handle meanwhile)."""
         epoch, owners = self.map.epoch, self.map.owners
-        endpoints = await asyncio.gather(*(_endpoint(s, timeout) for s in self.shards))
+        if self.controller is not None:  # from the members' heartbeats: a lost primary costs no wait
+            endpoints = [self.controller.primary_endpoint(i) for i in range(self.config.shards)]
+        else:
+            endpoints = await asyncio.gather(*(_endpoint(s, timeout) for s in self.shards))
         return {"epoch": epoch, "owners": owners, "handles": list(self.shards), "endpoints": endpoints}
 
     def wire_secret(self) -> bytes:
@@ -250,8 +364,26 @@ class RouterActor:
         return metadata.secret(self.config.name)
 
     async def shard_info(self) -> builtins.list[dict[str, Any]]:
-        """Every shard's ``info()``, in shard order."""
-        return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
+        """Every shard's ``info()``, in shard order (a replicated shard: its primary's, with every
+        member's under ``"members"``, and the shard's replica set under ``"replica_set"``)."""
+        if self.controller is None:
+            return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
+        out = []
+        for entry in self.controller.status():
+            index = entry["shard"]
+            members = []
+            for member in sorted(int(m) for m in entry["members"]):
+                handle = self._find_member(index, member)
+                info: dict[str, Any] = {"member": member, "error": "no actor"}
+                if handle is not None:
+                    try:
+                        info = await asyncio.wait_for(handle.info.remote(), 5.0)
+                    except Exception as exc:
+                        info = {"member": member, "error": f"{type(exc).__name__}: {exc}"}
+                members.append(info)
+            primary = next((m for m in members if m.get("member") == entry["primary"]), {})
+            out.append({**primary, "index": index, "members": members, "replica_set": entry})
+        return out
 
     async def shutdown(self) -> int:
         """Stop every shard and subscriber actor; return how many shards were stopped.
@@ -260,11 +392,18 @@ class RouterActor:
         once, as on the Ray path), then every actor is killed. The metadata stays (the cluster can
         be created again and finds its files), except a memory cluster's settings: it has no data
         to come back to (its incarnations stay, so event ids never repeat)."""
-        closing = [asyncio.ensure_future(_quietly(s.stop_serving.remote())) for s in self.shards]
+        members: builtins.list[Any] = []
+        if self.controller is not None:
+            self.controller.stop()
+            for i in range(self.config.shards):
+                members += [m.handle for m in self.controller.watches[i].members.values()]
+        serving = [s for s in self.shards if s is not None]
+        closing = [asyncio.ensure_future(_quietly(s.stop_serving.remote())) for s in serving]
         if closing:
             await asyncio.wait(closing, timeout=10)
-        for actor in [*self.subscribers, *self.shards]:
-            ray.kill(actor, no_restart=True)
+        for actor in [*self.subscribers, *self._plain, *members]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
         if self.config.durability == "memory":
             metadata.forget_settings(self.config.name)
         return len(self.shards)
@@ -406,6 +545,10 @@ async def _endpoint(shard: Any, timeout: float) -> tuple[str, int, str | None, s
     except (asyncio.TimeoutError, RayActorError):
         return None
     return None if found is None else (str(found[0]), int(found[1]), found[2], found[3])
+
+
+def _kill(handle: Any) -> None:
+    ray.kill(handle, no_restart=True)
 
 
 def _alive_nodes() -> builtins.list[tuple[str, str]]:

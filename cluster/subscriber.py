@@ -47,7 +47,7 @@ import cloudpickle
 import ray
 from ray.exceptions import RayActorError
 
-from shardstate._errors import StateError, Unavailable
+from shardstate._errors import NotPrimary, StateError, Unavailable
 from shardstate._models import StateEvent
 from shardstate._requests import set_request
 from shardstate.cluster import metadata
@@ -346,8 +346,7 @@ class SubscriberActor:
     async def _open_stream(self, shard: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         handle: Any = self._handles.get(shard)
         if handle is None:
-            name = self.config.shard_name(shard)
-            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            handle = await self._shard_handle(shard)
         if self._my_ip is None:
             self._my_ip = ray.util.get_node_ip_address()
         target = stream_target(await asyncio.wait_for(handle.endpoint.remote(), 10.0), self._my_ip)
@@ -370,6 +369,18 @@ class SubscriberActor:
             writer.close()
             raise
         return reader, writer
+
+    async def _shard_handle(self, shard: int) -> Any:
+        """Shard ``shard``'s actor: by its name, or (a replicated shard) its primary, asked of the
+        router (``ValueError`` while there is none)."""
+        if not self.config.replicas:
+            name = self.config.shard_name(shard)
+            return await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+        router = await asyncio.to_thread(ray.get_actor, self.config.router_name(), namespace=NAMESPACE)
+        handle = await router.shard_handle.remote(shard)
+        if handle is None:
+            raise ValueError(f"shard {shard} has no primary now")
+        return handle
 
     async def reload_triggers(self) -> int:
         """Re-read the durable trigger registry; returns how many triggers are registered.
@@ -424,12 +435,11 @@ class SubscriberActor:
             return
         try:
             if handle is None:
-                name = self.config.shard_name(shard)
-                handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+                handle = await self._shard_handle(shard)
             await handle.set_events_durable.remote(wanted)
             if wanted:  # events up to its acknowledgement were for nobody (it acknowledged them)
                 _head, floor, _oldest = await handle.event_state.remote()
-        except (RayActorError, ValueError):  # restarting: its pump tells it when it is back
+        except (RayActorError, ValueError, NotPrimary):  # restarting, failing over: its pump tells it later
             self._durable.pop(shard, None)
             return
         self._durable[shard] = wanted
@@ -467,7 +477,6 @@ class SubscriberActor:
         the log costs the shard no extra calls; the log itself is read on start, after a gap or a
         dropped push, and once a second when idle (a safety net for lost pushes).
         """
-        name = self.config.shard_name(shard)
         cursor: int | None = None
         acked = 0
         last_ack = time.monotonic()
@@ -475,7 +484,7 @@ class SubscriberActor:
         while True:
             try:
                 if handle is None:
-                    handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+                    handle = await self._shard_handle(shard)
                     self._handles[shard] = handle
                     self._durable.pop(shard, None)  # a (re)started shard: tell it again
                     await self._tell_shard(shard, handle)
@@ -527,7 +536,7 @@ class SubscriberActor:
                     pulled = await handle.events_since.remote(cursor, 1)
                     if pulled:
                         self._notified[shard] = max(self._notified.get(shard, 0), pulled[-1].seq)
-            except (RayActorError, ValueError):  # the shard is restarting (or not up yet)
+            except (RayActorError, ValueError, NotPrimary):  # restarting, failing over, not up yet
                 cursor = None
                 handle = None
                 self._handles.pop(shard, None)

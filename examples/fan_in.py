@@ -76,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=4, help="shards of the demo cluster (default 4)")
     parser.add_argument("--cluster", default="fan-in-demo", help="state cluster name")
     parser.add_argument("--keep", action="store_true", help="leave the state cluster running at the end")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="backups per shard on other nodes (default: 0 on a one-node Ray, 1 on more)",
+    )
     args = parser.parse_args(argv)
     console = Console()
 
     with console.status("starting Ray and the state cluster..."):
         started = time.perf_counter()
-        state = shardstate.connect(cluster=args.cluster, shards=args.shards)
+        state = shardstate.connect(cluster=args.cluster, shards=args.shards, replicas=args.replicas)
         startup = time.perf_counter() - started
     job = f"merge:job-{uuid.uuid4().hex[:8]}"
     console.print(

@@ -37,16 +37,25 @@ from typing import Any
 
 import ray
 
-from shardstate._errors import InvalidInput, ShardLoading, Unavailable
+from shardstate._errors import InvalidInput, NotPrimary, ShardLoading, Unavailable
 from shardstate.cluster import metadata
-from shardstate.cluster.config import NAMESPACE
+from shardstate.cluster.config import NAMESPACE, router_name
 from shardstate.cluster.slots import slot_of
+from shardstate.shards import replication as rep
 from shardstate.shards.commands import WRITES, Result
 from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
 from shardstate.shards.event_forms import ship_batch
 from shardstate.shards.followers import SUBSCRIBER, EventFollower, FollowSpec, ready_frame
-from shardstate.shards.records import Event
-from shardstate.shards.storage import MemoryStorage, SqliteStorage, Storage, open_storage, shard_path
+from shardstate.shards.member import MemberChannel, member_path
+from shardstate.shards.records import Changes, Event
+from shardstate.shards.storage import (
+    MemoryStorage,
+    SqliteStorage,
+    Storage,
+    open_storage,
+    restore_snapshot,
+    shard_path,
+)
 from shardstate.shards.validation import DEFAULT_MAX_VALUE_SIZE
 from shardstate.shards.wire import MAX_FRAME, FollowStream, WireServer, private_socket_path
 
@@ -89,8 +98,28 @@ class ShardActor:
         subscriber_name: str | None = None,
         cluster_id: str | None = None,
         wire_host: str = "127.0.0.1",
+        member: int | None = None,
     ) -> None:
         self._started = time.perf_counter()
+        #: this actor's member number in a replicated shard (None: a shard without replicas, which
+        #: is its own primary forever and restarts from its own file)
+        self.member = member
+        self.replicated = member is not None
+        #: a replicated member's role and term (the shard's epoch), given by the router
+        self.role = rep.BACKUP if self.replicated else rep.PRIMARY
+        self.term = 0
+        #: the replication log position of the last commit this member holds
+        self.lsn = 0
+        #: a backup: monotonic time it last accepted a record or ping of its primary
+        self.last_contact = 0.0
+        self._replicator: rep.Replicator | None = None
+        self._router: Any = None
+        #: a backup receiving a snapshot: (term, lsn, chunks so far)
+        self._incoming: tuple[int, int, list[bytes]] | None = None
+        self.promotions = 0
+        self.fenced_reason: str | None = None
+        #: why the last confirmation failed (a primary whose backup failed while the router was away)
+        self.unconfirmed: str | None = None
         self.cluster = cluster
         self.index = index
         self.epoch = epoch
@@ -156,7 +185,7 @@ class ShardActor:
             owns=self._owns,
             max_value_size=self.max_value_size,
             op_retention=self.op_retention,
-            fetch_op=None if storage is None or self.durability == "memory" else storage.fetch_op,
+            fetch_op=storage.fetch_op if isinstance(storage, SqliteStorage) else None,
         )
 
     def _load(self) -> None:
@@ -175,7 +204,8 @@ class ShardActor:
                 if self._durable_wish is not None:
                     engine.set_durable_events(self._durable_wish)
                 self.engine = engine
-                self._commit()
+                if not self.replicated:
+                    self._commit()
                 self.load_seconds = time.perf_counter() - self._started
                 self.phase = READY
         except BaseException as exc:  # the shard stays up and says why (info(), every answer)
@@ -186,6 +216,8 @@ class ShardActor:
         self._outbox_head = self.engine.seq
         threading.Thread(target=self._notifier, daemon=True, name=f"shard-{self.index}-notify").start()
         threading.Thread(target=self._ray_pusher, daemon=True, name=f"shard-{self.index}-push").start()
+        if self.replicated:
+            threading.Thread(target=self._pinger, daemon=True, name=f"shard-{self.index}-ping").start()
         if self.cluster_id is not None:
             self._start_wire()
         if self.sweep_interval > 0:
@@ -209,7 +241,11 @@ class ShardActor:
             # one socket file per shard of a cluster: a restarted shard replaces its predecessor's
             name = hashlib.sha1(f"{self.cluster}/{self.cluster_id}".encode()).hexdigest()[:16]
             unix = private_socket_path(f"{name}-{self.index}.sock")
-            self._wire = WireServer(host, secret, self.run, unix=unix, follow=self._follow)
+            if self.member is not None:
+                unix = private_socket_path(f"{name}-{self.index}-{self.member}.sock")
+            self._wire = WireServer(
+                host, secret, self.run, unix=unix, follow=self._follow, control=self._control
+            )
         return self._wire.address
 
     def stop_serving(self) -> None:
@@ -244,6 +280,13 @@ class ShardActor:
     def _open_storage(self) -> Storage:
         """Open this shard's storage and check it belongs here (cluster id, shard, start count)."""
         known = self.cluster_id is not None
+        if self.member is not None:  # a replicated member: its own file (or memory), no claims
+            path = None if self.durability == "memory" or self.directory is None else member_path(
+                self.directory, self.index, self.member
+            )
+            if path is None:
+                return SqliteStorage(":memory:", "memory", check=False)
+            return SqliteStorage(path, self.durability, check=False)
         if self.durability == "memory" or self.directory is None:
             # event seqs start above every earlier start's: event ids never repeat
             self.incarnation = metadata.next_incarnation(self.cluster, self.index) if known else 0
@@ -281,6 +324,7 @@ class ShardActor:
         """A new engine holding exactly what storage holds (counts rows for the load progress)."""
         loaded = self.storage.load()
         self._seq_hint = loaded.seq
+        self.lsn = loaded.lsn
         self._rows_loaded = 0
         loaded.entries = self._counted(loaded.entries)
         engine = self._new_engine(self.storage)
@@ -313,22 +357,69 @@ class ShardActor:
         """Commit what the engine changed, then hand the new events to the notifier.
 
         Returns False if storage failed (the shard is then read-only; see :meth:`_storage_failed`)
-        or is failing (changes stay pending in the engine until a probe commit works).
+        or is failing (changes stay pending in the engine until a probe commit works); in a
+        replicated shard also if the commit could not be confirmed by the in-sync backups
+        (:meth:`_confirm`; :meth:`_refusal` says why).
         """
         if not self.storage_ok:
             return False
         changes = self.engine.take_changes()
         if not changes:
             return True
+        if self._replicator is not None:
+            self.lsn += 1
+            changes.lsn = self.lsn
+            body = pickle.dumps(changes, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             self.storage.commit(changes)
         except Exception as exc:
             self._storage_failed(exc)
             return False
         fresh = self.engine.take_events()
+        if self._replicator is not None:
+            self._replicator.record(self.lsn, body, (changes.events, fresh))
+            return self._confirm()
         if fresh:
             self._notify(changes.events, fresh)
         return True
+
+    def _confirm(self) -> bool:
+        """A replicated primary: have every in-sync backup confirm what is pending (or renew the
+        lease with a ping); then notify the confirmed commits' events. False if it could not: the
+        member was deposed (it is fenced now), or a backup failed and the router could not drop it
+        (the records stay pending: the next batch tries again before it runs)."""
+        replicator = self._replicator
+        if replicator is None:
+            return self.role == rep.PRIMARY
+        try:
+            notes = replicator.confirm()
+        except rep.Deposed as exc:
+            self._fence(str(exc))
+            return False
+        except rep.NotConfirmed as exc:
+            self.unconfirmed = str(exc)
+            return False
+        self.unconfirmed = None
+        for durable, fresh in notes:
+            if fresh:
+                self._notify(durable, fresh)
+        return True
+
+    def _refusal(self) -> Unavailable:
+        """Why a replicated member answers no batch now (see :meth:`_commit`)."""
+        if self.role == rep.FENCED:
+            return NotPrimary(
+                f"shard {self.index} member {self.member} was deposed ({self.fenced_reason}); "
+                "the shard has a new primary"
+            )
+        if self.role != rep.PRIMARY:
+            return NotPrimary(f"shard {self.index} member {self.member} is a backup (term {self.term})")
+        if not self.storage_ok:
+            return self._read_only_error()
+        return Unavailable(
+            f"shard {self.index} cannot confirm its writes with its backups: {self.unconfirmed} "
+            "(retry: the router drops the failing backup)"
+        )
 
     def _storage_failed(self, exc: BaseException) -> None:
         """A commit failed: rebuild the engine from storage (memory must not run ahead of disk) and
@@ -407,13 +498,19 @@ class ShardActor:
             for held in self._loading_lanes:
                 self.engine.fence(held)
             self._loading_lanes.clear()
+        replicator = self._replicator
+        if self.replicated and (
+            self.role != rep.PRIMARY
+            or (replicator is not None and replicator.needs_round(time.monotonic()) and not self._confirm())
+        ):  # a backup, a deposed primary, or earlier commits not confirmed yet: run nothing
+            return [(False, self._refusal())] * len(batch)
         self.batches += 1
         self.commands += len(batch)
         if not self.storage_ok:
             return self._execute_read_only(batch)
         results = self.engine.execute_batch(batch, lane=lane, resume=bool(resume))
         if not self._commit():  # nothing of this batch is on disk, nor (rebuilt) in memory
-            error = self._read_only_error()
+            error = self._read_only_error() if not self.replicated else self._refusal()
             return [(False, error)] * len(results)
         return results
 
@@ -444,6 +541,273 @@ class ShardActor:
             error = InvalidInput(f"a packed batch could not be unpickled: {type(exc).__name__}: {exc}")
             return pickle.dumps([(False, error)], protocol=pickle.HIGHEST_PROTOCOL)
         return pickle.dumps(self.execute(batch, lane, resume), protocol=pickle.HIGHEST_PROTOCOL)
+
+    # -- replication (a replicated shard's members; see shardstate.shards.replication) --------
+    def control(self, body: bytes) -> bytes:
+        """A control message sent as a Ray call (where this member's connection is not reachable)."""
+        return self._control(body, None, False)
+
+    def _control(self, body: bytes, _lane: str | None = None, _resume: bool = False) -> bytes:
+        """Answer one control message (on a connection's thread, or a Ray call). A malformed or
+        unknown message is answered ``REFUSED`` with the reason; nothing changes."""
+        try:
+            message = rep.unpack(body)
+            handler = self._control_handlers().get(message[0])
+            if handler is None or not self.replicated:
+                return rep.pack((rep.REFUSED, f"shard {self.index} takes no {message[0]!r} message"))
+            if self.phase != READY and message[0] != rep.HEARTBEAT:
+                return rep.pack((rep.REFUSED, f"shard {self.index} is {self.phase}"))
+            return rep.pack(handler(*message[1:]))
+        except Exception as exc:
+            return rep.pack((rep.REFUSED, f"{type(exc).__name__}: {exc}"))
+
+    def _control_handlers(self) -> dict[str, Any]:
+        return {
+            rep.HEARTBEAT: self._on_heartbeat,
+            rep.APPLY: self._on_apply,
+            rep.PING: self._on_ping,
+            rep.SNAPSHOT: self._on_snapshot,
+            rep.PROMOTE: self._on_promote,
+            rep.DEPOSE: self._on_depose,
+            rep.SYNC: self._on_sync,
+        }
+
+    def _on_heartbeat(self) -> tuple[str, dict[str, Any]]:
+        """The router's heartbeat: this member's role, term and log position (no lock: it must answer
+        while a batch runs)."""
+        replicator = self._replicator
+        return (
+            rep.OK,
+            {
+                "member": self.member,
+                "pid": os.getpid(),
+                "phase": self.phase,
+                "role": self.role,
+                "term": self.term,
+                "lsn": self.lsn,
+                "in_sync": [] if replicator is None else sorted(replicator.backups),
+                "joining": [] if replicator is None else sorted(replicator.joiners),
+                "endpoint": self.endpoint(),
+            },
+        )
+
+    def _check_term(self, term: int) -> tuple[str, Any] | None:
+        """None if a message of ``term`` from this backup's primary may be applied, else the answer."""
+        if not isinstance(term, int) or isinstance(term, bool):
+            return (rep.REFUSED, f"a term is an int, got {type(term).__name__}")
+        if term < self.term or (self.role != rep.BACKUP and term <= self.term):
+            return (rep.STALE, self.term)
+        if term > self.term or self.role != rep.BACKUP:
+            return (rep.REFUSED, f"member {self.member} is no backup of term {term} (it has {self.term})")
+        return None
+
+    def _on_apply(self, term: int, lsn: int, changes_body: bytes) -> tuple[str, Any]:
+        """A backup commits one of its primary's records (in order; a repeat is confirmed again)."""
+        with self._engine_lock:
+            refused = self._check_term(term)
+            if refused is not None:
+                return refused
+            self.last_contact = time.monotonic()
+            if lsn <= self.lsn:
+                return (rep.OK, self.lsn)
+            if lsn != self.lsn + 1:
+                return (rep.GAP, self.lsn)
+            changes = pickle.loads(changes_body)
+            if not isinstance(changes, Changes):
+                return (rep.REFUSED, f"a record holds Changes, got {type(changes).__name__}")
+            changes.lsn = lsn
+            self.storage.commit(changes)
+            self.lsn = lsn
+            return (rep.OK, lsn)
+
+    def _on_ping(self, term: int, _lsn: int) -> tuple[str, Any]:
+        """The primary renews its lease: this backup will not take over for LEASE seconds."""
+        with self._engine_lock:
+            refused = self._check_term(term)
+            if refused is not None:
+                return refused
+            self.last_contact = time.monotonic()
+            return (rep.OK, self.lsn)
+
+    def _on_snapshot(self, term: int, lsn: int, offset: int, total: int, chunk: bytes) -> tuple[str, Any]:
+        """Become a backup of ``term`` from the primary's database (in chunks, in order)."""
+        with self._engine_lock:
+            if term < self.term or (self.role == rep.PRIMARY and term <= self.term):
+                return (rep.STALE, self.term)
+            if offset == 0:
+                self._incoming = (term, lsn, [])
+            incoming = self._incoming
+            if incoming is None or incoming[:2] != (term, lsn) or sum(map(len, incoming[2])) != offset:
+                self._incoming = None
+                return (rep.REFUSED, "a snapshot chunk out of order")
+            incoming[2].append(bytes(chunk))
+            if offset + len(chunk) < total:
+                return (rep.OK, self.lsn)
+            self._incoming = None
+            if self.role == rep.PRIMARY:
+                self._fence(f"a snapshot of term {term} arrived")
+            self.storage.close()
+            path = None
+            if self.durability != "memory" and self.directory is not None and self.member is not None:
+                path = member_path(self.directory, self.index, self.member)
+            self.storage = restore_snapshot(b"".join(incoming[2]), path, self.durability)
+            self.storage_ok = True
+            self.lsn, self.term, self.role = lsn, term, rep.BACKUP
+            self.fenced_reason = None
+            self.last_contact = time.monotonic()
+            return (rep.OK, lsn)
+
+    def _on_promote(self, term: int) -> tuple[str, Any]:
+        """Take over as the primary of ``term`` (the router recorded it first): refuse the old
+        primary at once, wait until its lease has run out, load what storage holds, serve."""
+        with self._engine_lock:
+            if self.role == rep.PRIMARY and term == self.term:
+                return (rep.OK, self.lsn)
+            if not isinstance(term, int) or term <= self.term:
+                return (rep.STALE, self.term)
+            if self.role != rep.BACKUP:
+                return (rep.REFUSED, f"a {self.role} member cannot be promoted")
+            self.term = term
+            wait = self.last_contact + rep.LEASE - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        with self._engine_lock:
+            if self.term != term or self.role != rep.BACKUP:
+                return (rep.STALE, self.term)
+            engine = self._engine_from_storage()
+            with self._wish_lock:
+                durable = self._durable_wish
+            engine.set_durable_events(self._initial_durable_events() if durable is None else durable)
+            self.engine = engine
+            self._outbox_head = engine.seq
+            self._replicator = rep.Replicator(term, self.lsn, self._drop_backup)
+            self.role = rep.PRIMARY
+            self.promotions += 1
+            engine.sweep()
+            self._commit()
+            return (rep.OK, self.lsn)
+
+    def _on_depose(self, term: int) -> tuple[str, Any]:
+        """The router made another member primary of ``term``: stop serving (if still primary)."""
+        with self._engine_lock:
+            if isinstance(term, int) and term > self.term:
+                self.term = term
+                if self.role == rep.PRIMARY:
+                    self._fence(f"the router deposed it for term {term}")
+            return (rep.OK, self.term)
+
+    def _fence(self, reason: str) -> None:
+        """Stop serving for good (a newer term exists): close the replication channels and the
+        connection (clients holding one see it break and find the new primary)."""
+        print(f"shardstate shard {self.index} member {self.member}: fenced: {reason}", file=sys.stderr)
+        self.role = rep.FENCED
+        self.fenced_reason = reason
+        if self._replicator is not None:
+            self._replicator.close()
+            self._replicator = None
+        threading.Thread(target=self.stop_serving, daemon=True).start()
+
+    def _on_sync(self, term: int, member: int, endpoint: Any) -> tuple[str, Any]:
+        """The router asks this primary to bring backup ``member`` up to date (a background thread)."""
+        replicator: rep.Replicator | None = self._replicator
+        if replicator is None or self.role != rep.PRIMARY or term != self.term:
+            return (rep.STALE, self.term)
+        if not isinstance(member, int) or member == self.member:
+            return (rep.REFUSED, f"not a backup: {member!r}")
+        if member in replicator.backups or member in replicator.joiners:
+            return (rep.OK, "already")
+        with self._engine_lock:
+            if not self._is_current(replicator):
+                return (rep.STALE, self.term)
+            joiner = replicator.join(member)
+            data, lsn = self._snapshot_data(), self.lsn
+        name = f"shard-{self.index}-sync-{member}"
+        args = (replicator, joiner, term, member, endpoint, data, lsn)
+        threading.Thread(target=self._catch_up, args=args, daemon=True, name=name).start()
+        return (rep.OK, "started")
+
+    def _snapshot_data(self) -> bytes:
+        if not isinstance(self.storage, SqliteStorage):
+            raise RuntimeError("a replicated member keeps SQLite storage")
+        return self.storage.snapshot()
+
+    def _catch_up(
+        self,
+        replicator: rep.Replicator,
+        joiner: rep.Joiner,
+        term: int,
+        member: int,
+        endpoint: Any,
+        data: bytes,
+        lsn: int,
+    ) -> None:
+        """Send backup ``member`` the snapshot taken at ``lsn``, then the records committed since;
+        when only a few are left, stop writes, send the rest and have the router count it in sync."""
+        channel: MemberChannel | None = None
+        admitted = False
+        try:
+            handle = ray.get_actor(f"{self.cluster}:shard:{self.index}:{member}", namespace=NAMESPACE)
+            channel = MemberChannel(handle, endpoint, self._secret(), _node()[1])
+            for message in rep.snapshot_messages(term, lsn, data):
+                _expect_ok(channel.call(message, 60.0))
+            del data
+            while True:
+                records = replicator.take_tail(joiner)
+                if joiner.abandoned:
+                    raise RuntimeError("its log tail grew too long")
+                _ship(channel, records)
+                if len(records) < rep.HANDOVER_TAIL:
+                    break
+            with self._engine_lock:
+                if not self._is_current(replicator) or joiner.abandoned:
+                    raise RuntimeError("the primary changed")
+                _ship(channel, replicator.take_tail(joiner, limit=1 << 30))
+                if not self._router_call("mark_in_sync", self.index, term, member):
+                    raise RuntimeError("the router refused it")
+                replicator.admit(joiner, channel, self.lsn)
+                admitted = True
+        except Exception as exc:
+            print(f"shardstate shard {self.index}: backup {member} not caught up: {exc!r}", file=sys.stderr)
+        finally:
+            if not admitted:
+                replicator.forget_joiner(joiner)
+                if channel is not None:
+                    channel.close()
+
+    def _is_current(self, replicator: rep.Replicator) -> bool:
+        return self._replicator is replicator
+
+    def _secret(self) -> bytes | None:
+        try:
+            return metadata.secret(self.cluster) if self.cluster_id is not None else None
+        except Exception:
+            return None
+
+    def _router_call(self, method: str, *args: Any) -> Any:
+        """Call the cluster's router (found by name, cached) and wait a few seconds for its answer."""
+        if self._router is None:
+            self._router = ray.get_actor(router_name(self.cluster), namespace=NAMESPACE)
+        try:
+            return ray.get(getattr(self._router, method).remote(*args), timeout=5.0)
+        except Exception:
+            self._router = None
+            raise
+
+    def _drop_backup(self, term: int, member: int) -> bool:
+        """Ask the router to drop a failing backup of ``term`` (False: it knows a newer term)."""
+        return bool(self._router_call("drop_backup", self.index, term, member))
+
+    def _pinger(self) -> None:
+        """A replicated primary that commits nothing still renews its lease with its backups (and
+        confirms what is pending)."""
+        while True:
+            time.sleep(rep.PING_EVERY)
+            replicator = self._replicator
+            if replicator is None or not replicator.needs_round(time.monotonic()):
+                continue
+            with self._engine_lock:
+                if self._is_current(replicator) and self.role == rep.PRIMARY:
+                    self._confirm()
 
     # -- events -------------------------------------------------------------------------------
     def _notify(self, durable: list[Event], fresh: list[Event]) -> None:
@@ -539,6 +903,8 @@ class ShardActor:
     def _require_ready(self) -> None:
         if self.phase != READY:
             raise self._not_ready()
+        if self.replicated and self.role != rep.PRIMARY:
+            raise self._refusal()
 
     def events_since(self, after: int, limit: int = 1000, full: bool = False) -> list[Event]:
         """Committed events with ``seq > after`` (at most ``limit``), in order: compact and
@@ -567,8 +933,10 @@ class ShardActor:
         memory for watchers. Returns the last seq handed out before the switch (while loading: the
         stored one; the switch applies once loaded)."""
         with self._wish_lock:
-            if self.phase != READY:
+            if self.phase != READY or (self.replicated and self.role != rep.PRIMARY):
                 self._durable_wish = bool(durable)
+                if self.replicated and self.phase == READY:
+                    raise self._refusal()
                 return self._seq_hint
         with self._engine_lock:
             seq = self.engine.set_durable_events(bool(durable))
@@ -579,9 +947,11 @@ class ShardActor:
         """Delete expired entries and forget old op results now; return how many entries expired.
 
         While storage is failing, first try whether it works again (a probe commit)."""
-        if self.phase != READY:
+        if self.phase != READY or (self.replicated and self.role != rep.PRIMARY):
             return 0
         with self._engine_lock:
+            if self.replicated and self.role != rep.PRIMARY:
+                return 0
             if not self.storage_ok:
                 self._probe_storage()
             expired = self.engine.sweep()
@@ -633,6 +1003,13 @@ class ShardActor:
             "wire": None if self._wire is None else self._wire.stats(),
             "followers": [f.spec.kind for f in self._followers],
             "pushes_dropped": self.pushes_dropped,
+            "member": self.member,
+            "role": self.role,
+            "term": self.term,
+            "lsn": self.lsn,
+            "promotions": self.promotions,
+            "fenced_reason": self.fenced_reason,
+            "replication": None if self._replicator is None else self._replicator.status(),
         }
 
     def ping(self) -> int:
@@ -649,6 +1026,21 @@ class _Following:
 
     def closed(self) -> None:
         self._shard._unfollow(self._follower)
+
+
+def _expect_ok(raw: bytes) -> tuple[Any, ...]:
+    answer = rep.unpack(raw)
+    if answer[0] != rep.OK:
+        raise RuntimeError(f"the backup answered {answer!r}")
+    return answer
+
+
+def _ship(channel: MemberChannel, records: list[tuple[int, bytes]]) -> None:
+    """Send records to a catching-up backup, pipelined, and check every answer."""
+    for _lsn, body in records:
+        channel.send(body)
+    for _ in records:
+        _expect_ok(channel.receive(rep.SHIP_TIMEOUT * 10))
 
 
 def _is_write(cmd: Any) -> bool:

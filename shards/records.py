@@ -69,6 +69,9 @@ class Changes:
     #: ``(seq, old value)`` of kept events whose stored old value referred to an event dropped now
     #: (by ``acked_seq``): storage writes the value into their row before it drops the other
     rebased: list[tuple[int, bytes]] = field(default_factory=list)
+    #: the replication log position of this change set (a replicated shard numbers its commits;
+    #: storage records it in the same transaction; None: not numbered)
+    lsn: int | None = None
 
     def put(self, group_id: str, key: str, entry: Entry, created: bool) -> None:
         """Record that ``key`` now holds ``entry`` (``created``: it did not exist before this write).
@@ -128,3 +131,5 @@ class Loaded:
     #: the last seq this shard handed out, and the last one its subscribers acknowledged
     seq: int = 0
     acked_seq: int = 0
+    #: the replication log position of the last commit (0: none numbered)
+    lsn: int = 0

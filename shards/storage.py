@@ -12,6 +12,7 @@ commit: one transaction per batch). ``Storage.load`` returns what a restarted sh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import sys
@@ -141,19 +142,26 @@ class SqliteStorage:
         check: bool = True,
         missing_hint: str = "",
     ) -> None:
-        if durability not in ("fsync", "os"):
-            raise StorageError(f"SqliteStorage durability must be 'fsync' or 'os', got {durability!r}")
+        #: ``":memory:"`` with ``durability="memory"``: an in-memory database (a replicated shard of
+        #: a memory cluster: what it holds can be shipped to a backup and promoted from there)
+        self.in_memory = str(path) == ":memory:" and durability == "memory"
+        if durability not in ("fsync", "os") and not self.in_memory:
+            raise StorageError(
+                "SqliteStorage durability must be 'fsync' or 'os' (or 'memory' for ':memory:'), "
+                f"got {durability!r}"
+            )
         self.path = Path(path)
         if must_exist and not self.path.exists():
             raise StorageError(
                 f"shard database {self.path} is missing, but this shard stored data before{missing_hint}; "
                 "restore the file (or delete the cluster for good to start empty)"
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.synchronous = "FULL" if durability == "fsync" else "NORMAL"
+            self.synchronous = {"fsync": "FULL", "os": "NORMAL", "memory": "OFF"}[durability]
             self.db.execute(f"PRAGMA synchronous={self.synchronous}")
             if check:
                 self.check()
@@ -177,7 +185,8 @@ class SqliteStorage:
             "SELECT grp, key, data, version, updated_at, expires_at FROM entries ORDER BY pos"
         )
         op_ids = self.db.execute("SELECT op_id, created_at FROM ops ORDER BY created_at").fetchall()
-        meta = dict(self.db.execute("SELECT k, v FROM meta WHERE k IN ('seq', 'acked_seq')").fetchall())
+        wanted = "SELECT k, v FROM meta WHERE k IN ('seq', 'acked_seq', 'lsn')"
+        meta = dict(self.db.execute(wanted).fetchall())
         acked = int(meta.get("acked_seq", 0))
         self.acked = acked
         rows = self.db.execute(
@@ -188,7 +197,7 @@ class SqliteStorage:
         # the last seq handed out: the newest stored event, or the acknowledgement that dropped it
         # (files written before this rule also kept it as 'seq')
         seq = max(int(meta.get("seq", 0)), acked, events[-1].seq if events else 0)
-        return Loaded(entries, op_ids, events, seq, acked)
+        return Loaded(entries, op_ids, events, seq, acked, int(meta.get("lsn", 0)))
 
     def fetch_op(self, op_id: str) -> bytes | None:
         row = self.db.execute("SELECT result FROM ops WHERE op_id = ?", (op_id,)).fetchone()
@@ -281,7 +290,7 @@ class SqliteStorage:
         return int(self.db.execute(f"PRAGMA max_page_count = {pages + int(extra)}").fetchone()[0])
 
     def commit(self, changes: Changes) -> None:
-        if not changes:
+        if not changes and changes.lsn is None:
             return
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -306,6 +315,8 @@ class SqliteStorage:
             if changes.acked_seq is not None:
                 db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
                 db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
+            if changes.lsn is not None:
+                db.execute(_SET_META, ("lsn", str(changes.lsn)))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite already rolled back on some errors (SQLITE_FULL)
@@ -322,8 +333,47 @@ class SqliteStorage:
         ).fetchone()
         return int(row[0])
 
+    def snapshot(self) -> bytes:
+        """The whole database as bytes (what a new backup starts from; see :func:`restore_snapshot`)."""
+        return bytes(self.db.serialize())
+
     def close(self) -> None:
         self.db.close()
+
+
+def restore_snapshot(
+    data: bytes, path: str | os.PathLike[str] | None, durability: str
+) -> SqliteStorage:
+    """A storage holding exactly the database ``data`` (:meth:`SqliteStorage.snapshot`): in memory
+    (``durability="memory"``), or written to ``path`` (replacing the file there and its WAL), made
+    durable, then opened."""
+    if durability == "memory" or path is None:
+        storage = SqliteStorage(":memory:", "memory", check=False)
+        storage.db.deserialize(data)
+        storage.db.execute("PRAGMA synchronous=OFF")
+        return storage
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{target}{suffix}")
+    tmp = target.with_name(target.name + ".snapshot")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, target)
+    _fsync_directory(target.parent)
+    return SqliteStorage(target, durability, check=False)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 _INSERT_EVENT = "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -34,6 +34,11 @@ exactly ``flags = 4 (follow), lane length 0`` turns its connection into a one-wa
 pushes frames with :meth:`FollowStream.send` (from any thread; the connection's own thread writes
 them) until the connection closes. The peer sends nothing more: a byte from it closes the stream.
 A server without a ``follow`` callback closes such a connection (its flags are unknown).
+
+Control requests (between the members of a replicated shard, and the router's heartbeats): a
+request whose header is exactly ``flags = 8 (control), lane length 0``; its body goes to the
+server's ``control`` callback and the answer frame is what that returns. Only authenticated peers
+get here, like batches (see :mod:`shardstate.shards.replication` for the messages).
 """
 
 from __future__ import annotations
@@ -76,9 +81,11 @@ FAILURE = b"#FAILURE#"
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BH")
-_RESUME, _LANE, _FOLLOW = 1, 2, 4
+_RESUME, _LANE, _FOLLOW, _CONTROL = 1, 2, 4, 8
 #: the header of a follow request (flags = follow, no lane)
 FOLLOW_HEADER = _HEADER.pack(_FOLLOW, 0)
+#: the header of a control request (replication between a shard's members, heartbeats; no lane)
+CONTROL_HEADER = _HEADER.pack(_CONTROL, 0)
 #: bytes a follow stream may hold queued before the shard drops what it would push next (the
 #: follower notices the gap and reads the shard's log); the socket's own buffers come on top
 FOLLOW_BUFFER = 8 * 1024 * 1024
@@ -288,6 +295,11 @@ def pack_follow(spec: bytes) -> bytes:
     return FOLLOW_HEADER + spec
 
 
+def pack_control(body: bytes) -> bytes:
+    """A control request's body: the control header and the message."""
+    return CONTROL_HEADER + body
+
+
 def pack_request(packed: bytes, lane: str | None = None, resume: bool = False) -> bytes:
     """A request frame's body: the small header (flags, lane) and the packed batch."""
     raw = b"" if lane is None else lane.encode()
@@ -391,15 +403,19 @@ class WireServer:
         port: int = 0,
         unix: bool | str = False,
         follow: FollowHandler | None = None,
+        control: Handler | None = None,
     ) -> None:
         self.secret = secret
         self.handler = handler
+        #: answers a control request (None: this server has none; such a request closes its connection)
+        self.control = control
         #: opens a follow stream (None: this server has none; a follow request closes its connection)
         self.follow = follow
         self.connections = 0  # currently open, authenticated or not
         self.refused = 0  # connections closed for failing the handshake or breaking the protocol
         self.accepted = 0  # connections opened since the start
-        self.requests = 0  # request frames answered since the start
+        self.requests = 0  # request frames (batches) answered since the start
+        self.controls = 0  # control frames answered since the start (replication, heartbeats)
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closed = False
@@ -466,9 +482,15 @@ class WireServer:
                 if self.follow is not None and body.startswith(FOLLOW_HEADER):
                     self._follow_stream(sock, body[len(FOLLOW_HEADER) :])
                     return
-                packed, lane, resume = unpack_request(body)
-                answer = self.handler(packed, lane, resume)
-                self.requests += 1
+                if body.startswith(CONTROL_HEADER):
+                    if self.control is None:
+                        raise WireError("a control request on a connection that serves none")
+                    answer = self.control(body[len(CONTROL_HEADER) :], None, False)
+                    self.controls += 1
+                else:
+                    packed, lane, resume = unpack_request(body)
+                    answer = self.handler(packed, lane, resume)
+                    self.requests += 1
                 sock.settimeout(FRAME_BODY_TIMEOUT + len(answer) / (1 << 20))
                 write_frame(sock, answer)
         except ConnectionClosed:
@@ -503,6 +525,7 @@ class WireServer:
             "accepted": self.accepted,
             "refused": self.refused,
             "requests": self.requests,
+            "controls": self.controls,
         }
 
     def close(self) -> None:
@@ -588,6 +611,15 @@ class ShardConnection:
         except BaseException:
             self.close()
             raise
+
+    def control(self, body: bytes) -> bytes:
+        """Send one control message and return its answer."""
+        try:
+            write_frame(self.sock, pack_control(body))
+        except BaseException:
+            self.close()
+            raise
+        return self.receive()
 
     def receive(self) -> bytes:
         """The packed results of the oldest batch sent and not yet received."""

@@ -14,6 +14,7 @@ from shardstate._errors import (
     DecodeError,
     Deferred,
     InvalidInput,
+    NotPrimary,
     ShardLoading,
     StaleShardMap,
     StateError,
@@ -48,6 +49,7 @@ def test_error_classes_are_the_family() -> None:
         DecodeError,
         Unavailable,
         StaleShardMap,
+        NotPrimary,
         ShardLoading,
         Deferred,
     }

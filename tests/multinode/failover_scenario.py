@@ -1,0 +1,344 @@
+"""Failover scenarios on a ``ray.cluster_utils.Cluster`` of four nodes (run in a process of its own by
+``test_failover.py``; prints one JSON line of findings per scenario).
+
+Every scenario runs a write load with automatic op_ids (driver threads, and Ray tasks pinned to the
+head node) while it really breaks something, then reads everything back:
+
+- ``node``: removes the node of shard 0's primary (``remove_node(allow_graceful=False)``);
+- ``twice``: SIGKILLs shard 0's primary, waits until its new backup is in sync, SIGKILLs again;
+- ``paused``: SIGSTOPs shard 0's primary with a write sent to it on a raw connection, waits for the
+  failover, SIGCONTs it: that write must never be acknowledged nor exist;
+- ``router``: SIGKILLs shard 0's primary and at once the router;
+- ``triggers``: SIGKILLs shard 0's primary while a trigger records every event it is handed.
+
+Usage: ``python failover_scenario.py SCENARIO [SCENARIO ...]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import ray
+from ray.cluster_utils import Cluster
+
+import shardstate
+from shardstate import ops
+from shardstate.cluster import metadata
+from shardstate.cluster.slots import slot_of
+from shardstate.shards import commands as C
+from shardstate.shards.wire import ShardConnection
+
+GROUPS_PER_SHARD = 3
+SHARDS = 3
+
+
+@ray.remote(num_cpus=0, resources={"head": 0.01})
+def task_writer(state: shardstate.StateClient, groups: list[str], rounds: int, tag: str) -> int:
+    """Increment ``task-<tag>`` in the groups in turn, ``rounds`` times; return how many were acked."""
+    done = 0
+    for i in range(rounds):
+        state.update(groups[i % len(groups)], f"task-{tag}", [ops.increment("n")], returning="none")
+        done += 1
+    return done
+
+
+class Load:
+    """Driver threads incrementing counters and appending to ordered logs, counting acknowledgements."""
+
+    def __init__(self, state: shardstate.StateClient, groups: list[str], threads: int = 2) -> None:
+        self.state, self.groups = state, groups
+        self.tag = f"{time.monotonic_ns()}"  # keys of their own in every scenario
+        self.acked: dict[tuple[str, str], int] = {}
+        self.logs: dict[tuple[str, str], list[int]] = {}
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def start(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def _run(self, t: int) -> None:
+        i = 0
+        count, log = f"count-{self.tag}-{t}", f"log-{self.tag}-{t}"
+        while not self.stop.is_set():
+            group = self.groups[i % len(self.groups)]
+            try:
+                self.state.update(group, count, [ops.increment("n")], returning="none")
+                with self.lock:
+                    self.acked[(group, count)] = self.acked.get((group, count), 0) + 1
+                n = len(self.logs.get((group, log), []))
+                self.state.update(group, log, [ops.append("items", n)], returning="none")
+                with self.lock:
+                    self.logs.setdefault((group, log), []).append(n)
+            except Exception as exc:
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                time.sleep(0.1)
+            i += 1
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(120)
+
+    def check(self) -> dict[str, Any]:
+        wrong = []
+        for (group, key), count in self.acked.items():
+            got = self.state.get(group, key)
+            if got != {"n": count}:
+                wrong.append([group, key, count, got])
+        for (group, key), items in self.logs.items():
+            got = self.state.get(group, key)
+            if got != {"items": items}:
+                wrong.append([group, key, len(items), None if got is None else len(got.get("items", []))])
+        return {"acked": sum(self.acked.values()), "wrong": wrong, "errors": self.errors[:5]}
+
+
+def groups_of(state: shardstate.StateClient) -> list[str]:
+    owners = state._link.current().owners
+    out = []
+    for shard in range(SHARDS):
+        found = [f"g{shard}-{i}" for i in range(5000) if owners[slot_of(f"g{shard}-{i}")] == shard]
+        out += found[:GROUPS_PER_SHARD]
+    return out
+
+
+def replication(state: shardstate.StateClient) -> list[dict[str, Any]]:
+    return ray.get(state._link.router.replication.remote())  # type: ignore[no-any-return]
+
+
+def primary_info(state: shardstate.StateClient, shard: int) -> dict[str, Any]:
+    return state.shard_info()[shard]
+
+
+def wait_for(predicate: Any, timeout: float = 60.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def in_sync(state: shardstate.StateClient) -> bool:
+    return all(len(r["in_sync"]) >= 1 for r in replication(state))
+
+
+def writable_after(
+    state: shardstate.StateClient, groups: list[str], since: float, window: float = 6.0
+) -> float:
+    """The longest time any group went without an acknowledged write, from ``since`` on: one thread
+    per group writes again and again for ``window`` seconds (and at least once)."""
+    stalls: dict[str, float] = {}
+
+    def probe(group: str) -> None:
+        last, longest, i = since, 0.0, 0
+        while True:
+            state.set(group, "probe", i)
+            now = time.monotonic()
+            longest, last, i = max(longest, now - last), now, i + 1
+            if now - since > window:
+                break
+            time.sleep(0.02)
+        stalls[group] = longest
+
+    threads = [threading.Thread(target=probe, args=(g,)) for g in groups]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    return max(stalls.values()) if len(stalls) == len(groups) else -1.0
+
+
+def scenario_node(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    load = Load(state, groups).start()
+    tasks = [task_writer.remote(state, groups, 150, str(t)) for t in range(2)]
+    time.sleep(1.0)
+    workers = {n.node_id: n for n in cluster.worker_nodes}
+    infos = state.shard_info()  # a shard whose primary is on a worker node (the head must stay)
+    shard = next(i for i, info in enumerate(infos) if info["node_id"] in workers)
+    node = workers[infos[shard]["node_id"]]
+    before = replication(state)[shard]["term"]
+    removed = time.monotonic()
+    cluster.remove_node(node, allow_graceful=False)
+    writable = writable_after(state, groups, removed)
+    time.sleep(1.0)
+    load.finish()
+    task_counts = ray.get(tasks, timeout=300)
+    result = load.check()
+    for t, count in enumerate(task_counts):
+        total = sum((state.get(g, f"task-{t}") or {"n": 0})["n"] for g in groups)
+        if total != count:
+            result["wrong"].append([f"task-{t}", count, total])
+    wait_for(lambda: in_sync(state), 90)
+    after = replication(state)[shard]
+    cluster.add_node(num_cpus=1)  # back to four nodes for the next scenario
+    return {**result, "writable_s": writable, "term_before": before, "term_after": after["term"]}
+
+
+def scenario_twice(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    load = Load(state, groups).start()
+    terms, times = [], []
+    for _ in range(2):
+        wait_for(lambda: in_sync(state), 90)
+        info = primary_info(state, 0)
+        killed = time.monotonic()
+        os.kill(info["pid"], signal.SIGKILL)
+        times.append(writable_after(state, groups, killed))
+        terms.append(replication(state)[0]["term"])
+    time.sleep(0.5)
+    load.finish()
+    return {**load.check(), "terms": terms, "writable_s": times}
+
+
+def scenario_paused(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    wait_for(lambda: in_sync(state), 90)
+    load = Load(state, groups).start()
+    time.sleep(0.5)
+    info = primary_info(state, 0)
+    group = groups[0]
+    host, port = info["address"]
+    conn = ShardConnection((host, port), metadata.secret(state.cluster))
+    term = replication(state)[0]["term"]
+    os.kill(info["pid"], signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        zombie = C.command(C.SET, group, "zombie", pickle.dumps("acknowledged by a deposed primary"), None)
+        conn.send(pickle.dumps([zombie]))
+        wait_for(lambda: replication(state)[0]["term"] > term, 60)
+    finally:  # wakes up in the new term, before the router kills it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info["pid"], signal.SIGCONT)
+    writable = writable_after(state, groups, stopped)
+    try:
+        conn.sock.settimeout(30)
+        answer = pickle.loads(conn.receive())
+        zombie_answer = "ok" if answer[0][0] else type(answer[0][1]).__name__
+    except Exception as exc:  # the connection was closed: no acknowledgement either
+        zombie_answer = f"closed ({type(exc).__name__})"
+    time.sleep(0.5)
+    load.finish()
+    return {
+        **load.check(),
+        "zombie_answer": zombie_answer,
+        "zombie_value": state.get(group, "zombie"),
+        "writable_s": writable,
+        "term_before": term,
+        "term_after": replication(state)[0]["term"],
+    }
+
+
+def scenario_router(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    wait_for(lambda: in_sync(state), 90)
+    load = Load(state, groups).start()
+    time.sleep(0.5)
+    router_pid = ray.get(state._link.router.info.remote())["pid"]
+    info = primary_info(state, 0)
+    term = replication(state)[0]["term"]
+    killed = time.monotonic()
+    os.kill(info["pid"], signal.SIGKILL)
+    os.kill(router_pid, signal.SIGKILL)
+    writable = writable_after(state, groups, killed)
+    time.sleep(0.5)
+    load.finish()
+    new_pid = ray.get(state._link.router.info.remote())["pid"]
+    return {
+        **load.check(),
+        "writable_s": writable,
+        "router_restarted": new_pid != router_pid,
+        "term_before": term,
+        "term_after": replication(state)[0]["term"],
+    }
+
+
+def scenario_triggers(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    wait_for(lambda: in_sync(state), 90)
+    watched = groups[0]
+
+    def record(event: shardstate.StateEvent) -> None:
+        import shardstate as ss
+
+        version = (event.new_value or {}).get("n")
+        seen = ss.connect(cluster="failover")
+        seen.update("seen", f"{event.group_id}:{event.key}:{version}", [ops.increment("times")])
+
+    state.on_change(record, group_id=watched, name="recorder")
+    written: list[int] = []
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            result = state.update(watched, "counter", [ops.increment("n")])
+            written.append(result.new_value["n"])
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(1.0)
+    os.kill(primary_info(state, 0)["pid"], signal.SIGKILL)
+    time.sleep(4.0)
+    stop.set()
+    thread.join(120)
+    expected = {f"{watched}:counter:{n}" for n in written}
+
+    def all_seen() -> bool:
+        return expected <= {item.key for item in state.items("seen")}
+
+    try:
+        wait_for(all_seen, 120)
+    except TimeoutError:
+        pass
+    seen = {item.key: item.value["times"] for item in state.items("seen")}
+    state.remove_trigger("recorder")
+    return {
+        "written": len(written),
+        "missing": sorted(expected - set(seen))[:10],
+        "unexpected": sorted(set(seen) - expected)[:10],
+        "redelivered": sum(1 for times in seen.values() if times > 1),
+    }
+
+
+SCENARIOS = {
+    "node": scenario_node,
+    "twice": scenario_twice,
+    "paused": scenario_paused,
+    "router": scenario_router,
+    "triggers": scenario_triggers,
+}
+
+
+def main(names: list[str]) -> int:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"head": 1}})
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    cluster.wait_for_nodes()
+    storage = tempfile.mkdtemp()
+    state = shardstate.connect(
+        cluster="failover", shards=SHARDS, storage=storage, replicas=1, retry_timeout=120
+    )
+    groups = groups_of(state)
+    for name in names:
+        started = time.monotonic()
+        found = SCENARIOS[name](state, cluster, groups)
+        found["scenario"] = name
+        found["seconds"] = round(time.monotonic() - started, 1)
+        print(json.dumps(found), flush=True)
+    shardstate.shutdown("failover")
+    ray.shutdown()
+    cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or list(SCENARIOS)))

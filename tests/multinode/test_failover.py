@@ -1,0 +1,77 @@
+"""Node loss and failover on a four-node ``ray.cluster_utils.Cluster``: every scenario of
+``failover_scenario.py`` runs in one process of its own (one Ray cluster for all of them), under a
+write load with automatic op_ids, and really breaks things (node removal, SIGKILL, SIGSTOP)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)
+
+SCENARIOS = ("node", "twice", "paused", "router", "triggers")
+
+
+@pytest.fixture(scope="module")
+def findings() -> dict[str, dict[str, Any]]:
+    script = Path(__file__).with_name("failover_scenario.py")
+    done = subprocess.run(
+        [sys.executable, str(script), *SCENARIOS], capture_output=True, text=True, timeout=840, check=False
+    )
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            found[row["scenario"]] = row
+    assert done.returncode == 0, (found, done.stderr[-4000:])
+    return found
+
+
+def assert_nothing_lost(row: dict[str, Any]) -> None:
+    assert row["acked"] > 0, row
+    assert row["wrong"] == [], row  # every acknowledged increment and append, exactly once, in order
+    assert row["errors"] == [], row  # no call failed: clients waited for the failover
+
+
+def test_removing_a_primary_node_mid_load_loses_no_acknowledged_write(findings: dict[str, Any]) -> None:
+    row = findings["node"]
+    assert_nothing_lost(row)
+    assert row["term_after"] > row["term_before"]  # shard 0 failed over
+    assert 0 <= row["writable_s"] < 10, row  # no group went 10 s without an acknowledged write
+
+
+def test_two_consecutive_primary_losses_after_re_replication(findings: dict[str, Any]) -> None:
+    row = findings["twice"]
+    assert_nothing_lost(row)
+    assert row["terms"][1] == row["terms"][0] + 1 >= 3
+    assert all(0 <= t < 10 for t in row["writable_s"]), row
+
+
+def test_a_paused_primary_is_fenced_and_acknowledges_nothing_after_the_new_epoch(
+    findings: dict[str, Any],
+) -> None:
+    row = findings["paused"]
+    assert_nothing_lost(row)
+    assert row["term_after"] > row["term_before"]
+    assert row["zombie_answer"] != "ok", row  # the write sent to it before the pause
+    assert row["zombie_value"] is None  # ... exists nowhere
+
+
+def test_killing_the_router_during_a_failover(findings: dict[str, Any]) -> None:
+    row = findings["router"]
+    assert_nothing_lost(row)
+    assert row["router_restarted"]
+    assert row["term_after"] > row["term_before"]
+    assert 0 <= row["writable_s"] < 10, row
+
+
+def test_triggers_across_a_failover_see_every_committed_change(findings: dict[str, Any]) -> None:
+    row = findings["triggers"]
+    assert row["written"] > 0
+    assert row["missing"] == [], row  # at least once: every committed version reached the handler
+    assert row["unexpected"] == [], row  # and nothing that was not committed
