@@ -141,6 +141,15 @@ def primary_valid(replica_set: ReplicaSet, status: dict[str, Any] | None) -> boo
     return False
 
 
+def restarted_from_its_file(replica_set: ReplicaSet, status: dict[str, Any] | None) -> bool:
+    """Whether the recorded primary came back as a fresh process (term 0) that loaded its own file:
+    in a durable cluster it holds every write it acknowledged (it committed each before answering),
+    so when no in-sync backup exists it may serve again, in a new term."""
+    if status is None or status.get("phase") != "ready":
+        return False
+    return status.get("role") == rep.BACKUP and status.get("term") == 0 and replica_set.served
+
+
 @dataclass
 class Member:
     """What the controller knows of one member right now."""
@@ -186,8 +195,11 @@ class Controller:
         on_change: Callable[[int], None],
         secret: bytes | None,
         my_ip: str | None,
+        durable: bool = False,
     ) -> None:
         self.cluster = cluster
+        #: members keep their data in files (a restarted primary still has its writes)
+        self.durable = durable
         self.replicas = replicas
         self.spawn, self.find, self.kill = spawn, find, kill
         self.alive_nodes, self.on_change = alive_nodes, on_change
@@ -397,6 +409,8 @@ class Controller:
         if watch.promoting is not None:
             return
         chosen = successor(rs, statuses)
+        if chosen is None and self.durable and restarted_from_its_file(rs, statuses.get(rs.primary)):
+            chosen = rs.primary  # its file has every write it acknowledged: it serves again
         if chosen is None:
             reason = f"shard {watch.index}: primary {rs.primary} lost and no in-sync backup to promote"
             if watch.warned != reason:
@@ -407,6 +421,8 @@ class Controller:
         rs.term += 1
         rs.primary = chosen
         rs.in_sync = [m for m in rs.in_sync if m != chosen]
+        if chosen == old:  # nobody else has its writes: the others start over from it
+            rs.in_sync = []
         write_set(self.cluster, watch.index, rs)  # recorded before the backup hears of its term
         watch.failovers += 1
         watch.last_failover = {"from": old, "to": chosen, "term": rs.term, "at": time.time()}

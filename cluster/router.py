@@ -136,6 +136,7 @@ class RouterActor:
                 on_change=lambda _shard: None,
                 secret=metadata.secret(self.config.name),
                 my_ip=ray.util.get_node_ip_address(),
+                durable=self.config.durability != "memory",
             )
             self.controller.start()
         else:
