@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/r
 	$(PY) -m bench.triggers
 	$(PY) -m bench.compare
 	$(PY) -m bench.recovery
+	$(PY) -m bench.failover
+
+chaos: $(VENV)/.installed  ## the chaos harness: SEEDS seeded fault schedules (default 20) on a 4-node local Ray
+	$(PY) -m bench.chaos --seeds $(or $(SEEDS),20) --faults $(or $(FAULTS),6)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis bench/results

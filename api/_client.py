@@ -15,9 +15,6 @@ import builtins
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, overload
 
-import ray
-from ray.exceptions import GetTimeoutError, RayError
-
 from shardstate import _core, _triggers
 from shardstate._coalesce import async_lanes, sync_lanes
 from shardstate._link import ClusterLink, ShardView
@@ -257,12 +254,7 @@ class StateClient(_ClientBase):
 
     def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""
-        link = self._link
-        link.check_open()
-        try:
-            return ray.get(link.router.shard_info.remote(), timeout=link.timeout)  # type: ignore[no-any-return]
-        except (RayError, GetTimeoutError) as exc:
-            raise link.unavailable(exc) from exc
+        return self._link.ask("shard_info")  # type: ignore[no-any-return]
 
     # -- batches ------------------------------------------------------------------------------
     def pipeline(self) -> Pipeline:
@@ -348,11 +340,7 @@ class StateClient(_ClientBase):
         return _triggers.wait_until(self, group_id, key, predicate, timeout)
 
     def _subscribers_ready(self) -> None:
-        link = self._link
-        try:
-            ray.get(link.router.subscribers_ready.remote(), timeout=link.timeout)
-        except (RayError, GetTimeoutError) as exc:
-            raise link.unavailable(exc) from exc
+        self._link.ask("subscribers_ready")
 
     def __enter__(self) -> StateClient:
         return self
@@ -528,12 +516,7 @@ class AsyncStateClient(_ClientBase):
 
     async def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""
-        link = self._link
-        link.check_open()
-        try:
-            return await asyncio.wait_for(link.router.shard_info.remote(), link.timeout)  # type: ignore[no-any-return]
-        except (RayError, asyncio.TimeoutError) as exc:
-            raise link.unavailable(exc) from exc
+        return await self._link.ask_async("shard_info")  # type: ignore[no-any-return]
 
     # -- batches ------------------------------------------------------------------------------
     def pipeline(self) -> AsyncPipeline:

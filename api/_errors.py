@@ -121,8 +121,9 @@ class StaleShardMap(Unavailable):
 
 
 class NotPrimary(Unavailable):
-    """The shard member asked is not (or no longer) its shard's primary: a backup, or a primary
-    deposed by a failover. Nothing was executed; clients find the new primary and send it again."""
+    """The shard member asked cannot serve as its shard's primary now: a backup, a primary deposed
+    by a failover, or a primary that cannot yet confirm earlier writes with its backups. Clients
+    find the (new) primary and send the batch again with its op_ids (applied at most once)."""
 
 
 class Deferred(Unavailable):

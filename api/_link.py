@@ -213,28 +213,46 @@ class ClusterLink:
             return self.view or view
 
     def refresh(self) -> ShardView:
-        """Fetch the map from the router (blocking; while the router restarts, wait for it within
-        ``retry_timeout``)."""
+        """Fetch the map from the router (blocking; waits for a restarting router, see :meth:`ask`)."""
         self.check_open()
+        return self._adopt(self._patiently(lambda: ray.get(self._asks(), timeout=self.timeout)))
+
+    async def refresh_async(self) -> ShardView:
+        """Fetch the map from the router (awaitable; waits for a restarting router like :meth:`refresh`)."""
+        self.check_open()
+        answers = await self._patiently_async(lambda: asyncio.gather(*self._asks()))
+        return self._adopt(list(answers))
+
+    def ask(self, method: str, *args: Any) -> Any:
+        """Call the router's ``method``. While the router restarts (it rebuilds from the GCS in a
+        second or two) wait for it, within ``retry_timeout``; any other failure is ``Unavailable``."""
+        self.check_open()
+        return self._patiently(
+            lambda: ray.get(getattr(self.router, method).remote(*args), timeout=self.timeout)
+        )
+
+    async def ask_async(self, method: str, *args: Any) -> Any:
+        """:meth:`ask`, awaitable."""
+        self.check_open()
+        return await self._patiently_async(lambda: getattr(self.router, method).remote(*args))
+
+    def _patiently(self, call: Any) -> Any:
         started = time.monotonic()
         while True:
             try:
-                return self._adopt(ray.get(self._asks(), timeout=self.timeout))
-            except ActorUnavailableError as exc:  # the router is restarting: it rebuilds from the GCS
+                return call()
+            except ActorUnavailableError as exc:  # the router is restarting
                 if time.monotonic() - started > self.retry_timeout:
                     raise self.unavailable(exc) from exc
                 time.sleep(ROUTER_RETRY)
             except (RayError, GetTimeoutError) as exc:
                 raise self.unavailable(exc) from exc
 
-    async def refresh_async(self) -> ShardView:
-        """Fetch the map from the router (awaitable; waits for a restarting router like :meth:`refresh`)."""
-        self.check_open()
+    async def _patiently_async(self, call: Any) -> Any:
         started = time.monotonic()
         while True:
             try:
-                answers = await asyncio.wait_for(asyncio.gather(*self._asks()), self.timeout)
-                return self._adopt(list(answers))
+                return await asyncio.wait_for(call(), self.timeout)
             except ActorUnavailableError as exc:
                 if time.monotonic() - started > self.retry_timeout:
                     raise self.unavailable(exc) from exc

@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ActorUnavailableError
 
 from shardstate._errors import Unavailable
-from shardstate.cluster.config import NAMESPACE, ClusterConfig, router_name
+from shardstate.cluster.config import HEAD_RESOURCE, HEAD_SLIVER, NAMESPACE, ClusterConfig, router_name
 from shardstate.cluster.router import router_actor_class, subscriber_count
 
 
@@ -73,6 +73,7 @@ def open_cluster(requested: dict[str, Any], *, timeout: float = 120.0) -> tuple[
             lifetime="detached",
             get_if_exists=True,
             max_restarts=-1,
+            resources={HEAD_RESOURCE: HEAD_SLIVER},  # on the head: a lost worker node never takes it
         ).remote(config.to_dict(), token)
         answer: dict[str, Any] = ray.get(
             router.ready.remote(token, limit=max(timeout * 0.8, 1.0)), timeout=timeout

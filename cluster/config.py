@@ -20,6 +20,11 @@ DEFAULT_STORAGE = "~/.shardstate"
 DEFAULT_DURABILITY = "os"
 #: Where shards listen for clients' connections: loopback unless the cluster is told otherwise
 DEFAULT_WIRE_HOST = "127.0.0.1"
+#: A Ray resource only the head node has: the router and the subscribers ask for a sliver of it, so
+#: the loss of a worker node never takes them (the head's loss is the GCS's: see deploy/README.md)
+HEAD_RESOURCE = "node:__internal_head__"
+#: How much of it each asks for
+HEAD_SLIVER = 0.001
 #: Backups per shard, at most (each on its own node)
 MAX_REPLICAS = 4
 

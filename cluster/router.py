@@ -40,7 +40,7 @@ from shardstate._requests import (
     update_request,
 )
 from shardstate.cluster import metadata
-from shardstate.cluster.config import NAMESPACE, ClusterConfig, resolve_replicas
+from shardstate.cluster.config import HEAD_RESOURCE, HEAD_SLIVER, NAMESPACE, ClusterConfig, resolve_replicas
 from shardstate.cluster.failover import Controller
 from shardstate.cluster.placement import place_shard
 from shardstate.cluster.slots import SlotMap
@@ -147,6 +147,7 @@ class RouterActor:
                 namespace=NAMESPACE,
                 lifetime="detached",
                 get_if_exists=True,
+                resources={HEAD_RESOURCE: HEAD_SLIVER},
             ).remote(self.config.to_dict(), i, subscriber_count(self.config.shards))
             for i in range(subscriber_count(self.config.shards))
         ]

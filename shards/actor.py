@@ -416,9 +416,8 @@ class ShardActor:
             return NotPrimary(f"shard {self.index} member {self.member} is a backup (term {self.term})")
         if not self.storage_ok:
             return self._read_only_error()
-        return Unavailable(
-            f"shard {self.index} cannot confirm its writes with its backups: {self.unconfirmed} "
-            "(retry: the router drops the failing backup)"
+        return NotPrimary(  # clients wait and send again (with their op_ids) until it can
+            f"shard {self.index} cannot confirm its writes with its backups yet: {self.unconfirmed}"
         )
 
     def _storage_failed(self, exc: BaseException) -> None:
@@ -565,6 +564,7 @@ class ShardActor:
         return {
             rep.HEARTBEAT: self._on_heartbeat,
             rep.APPLY: self._on_apply,
+            rep.APPLY_MANY: self._on_apply_many,
             rep.PING: self._on_ping,
             rep.SNAPSHOT: self._on_snapshot,
             rep.PROMOTE: self._on_promote,
@@ -617,6 +617,32 @@ class ShardActor:
                 return (rep.REFUSED, f"a record holds Changes, got {type(changes).__name__}")
             changes.lsn = lsn
             self.storage.commit(changes)
+            self.lsn = lsn
+            return (rep.OK, lsn)
+
+    def _on_apply_many(self, term: int, records: list[tuple[int, bytes]]) -> tuple[str, Any]:
+        """A catching-up backup commits a run of records in one transaction (repeats skipped)."""
+        with self._engine_lock:
+            refused = self._check_term(term)
+            if refused is not None:
+                return refused
+            if not isinstance(records, list):
+                return (rep.REFUSED, f"records are a list, got {type(records).__name__}")
+            self.last_contact = time.monotonic()
+            batch: list[Changes] = []
+            lsn = self.lsn
+            for record_lsn, changes_body in records:
+                if record_lsn <= lsn:
+                    continue
+                if record_lsn != lsn + 1:
+                    return (rep.GAP, self.lsn)
+                changes = pickle.loads(changes_body)
+                if not isinstance(changes, Changes):
+                    return (rep.REFUSED, f"a record holds Changes, got {type(changes).__name__}")
+                changes.lsn = lsn = record_lsn
+                batch.append(changes)
+            if batch and isinstance(self.storage, SqliteStorage):
+                self.storage.commit_many(batch)
             self.lsn = lsn
             return (rep.OK, lsn)
 
@@ -752,16 +778,16 @@ class ShardActor:
                 _expect_ok(channel.call(message, 60.0))
             del data
             while True:
-                records = replicator.take_tail(joiner)
+                records = replicator.take_tail(joiner, limit=8 * rep.CATCH_UP_BATCH)
                 if joiner.abandoned:
                     raise RuntimeError("its log tail grew too long")
-                _ship(channel, records)
+                _ship(channel, term, records)
                 if len(records) < rep.HANDOVER_TAIL:
                     break
             with self._engine_lock:
                 if not self._is_current(replicator) or joiner.abandoned:
                     raise RuntimeError("the primary changed")
-                _ship(channel, replicator.take_tail(joiner, limit=1 << 30))
+                _ship(channel, term, replicator.take_tail(joiner, limit=1 << 30))
                 if not self._router_call("mark_in_sync", self.index, term, member):
                     raise RuntimeError("the router refused it")
                 replicator.admit(joiner, channel, self.lsn)
@@ -1035,12 +1061,13 @@ def _expect_ok(raw: bytes) -> tuple[Any, ...]:
     return answer
 
 
-def _ship(channel: MemberChannel, records: list[tuple[int, bytes]]) -> None:
-    """Send records to a catching-up backup, pipelined, and check every answer."""
-    for _lsn, body in records:
+def _ship(channel: MemberChannel, term: int, records: list[tuple[int, bytes]]) -> None:
+    """Send tail records to a catching-up backup (batched, pipelined) and check every answer."""
+    messages = rep.tail_messages(term, records)
+    for body in messages:
         channel.send(body)
-    for _ in records:
-        _expect_ok(channel.receive(rep.SHIP_TIMEOUT * 10))
+    for _ in messages:
+        _expect_ok(channel.receive(rep.SHIP_TIMEOUT * 30))
 
 
 def _is_write(cmd: Any) -> bool:

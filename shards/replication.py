@@ -43,14 +43,17 @@ PING_EVERY = LEASE / 4
 #: Bytes of snapshot per control message while a backup catches up
 SNAPSHOT_CHUNK = 8 * 1024 * 1024
 #: A catching-up backup is abandoned (tried again later) when more than this many records wait for it
-MAX_TAIL = 200_000
+MAX_TAIL = 100_000
 #: Records left in the tail when the primary stops writes briefly to hand the backup over
 HANDOVER_TAIL = 64
+#: Records per message (and per backup transaction) while a backup catches up
+CATCH_UP_BATCH = 512
 
 # message kinds
-HEARTBEAT, APPLY, PING, SNAPSHOT, PROMOTE, DEPOSE, SYNC = (
+HEARTBEAT, APPLY, APPLY_MANY, PING, SNAPSHOT, PROMOTE, DEPOSE, SYNC = (
     "heartbeat",
     "apply",
+    "apply-many",
     "ping",
     "snapshot",
     "promote",
@@ -116,6 +119,7 @@ class Joiner:
 
     member: int
     since: int
+    #: ``(lsn, pickled changes)`` of the records committed since the snapshot
     tail: deque[tuple[int, bytes]] = field(default_factory=deque)
     abandoned: bool = False
 
@@ -163,7 +167,7 @@ class Replicator:
         with self.lock:
             for joiner in self.joiners.values():
                 if not joiner.abandoned:
-                    joiner.tail.append((lsn, body))
+                    joiner.tail.append((lsn, changes_body))
                     if len(joiner.tail) > MAX_TAIL:
                         joiner.abandoned = True
                         joiner.tail.clear()
@@ -287,6 +291,14 @@ class Replicator:
             "dropped": self.dropped,
             "rounds": self.rounds,
         }
+
+
+def tail_messages(term: int, records: list[tuple[int, bytes]]) -> list[bytes]:
+    """Records of a catching-up backup's tail as ``APPLY_MANY`` messages (each one transaction)."""
+    return [
+        pack((APPLY_MANY, term, records[i : i + CATCH_UP_BATCH]))
+        for i in range(0, len(records), CATCH_UP_BATCH)
+    ]
 
 
 def snapshot_messages(term: int, lsn: int, data: bytes) -> list[bytes]:

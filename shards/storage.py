@@ -292,38 +292,48 @@ class SqliteStorage:
     def commit(self, changes: Changes) -> None:
         if not changes and changes.lsn is None:
             return
+        self.commit_many([changes])
+
+    def commit_many(self, batch: list[Changes]) -> None:
+        """Apply several change sets, in order, in one transaction (a backup catching up)."""
         db = self.db
+        acked = self.acked
         db.execute("BEGIN IMMEDIATE")
         try:
-            for group_id in changes.cleared:
-                db.execute("DELETE FROM entries WHERE grp = ?", (group_id,))
-            deletes = [(g, k) for (g, k), (e, recreate) in changes.entries.items() if e is None or recreate]
-            if deletes:
-                db.executemany("DELETE FROM entries WHERE grp = ? AND key = ?", deletes)
-            upserts = list(_upsert_rows(changes))
-            if upserts:
-                db.executemany(_UPSERT, upserts)
-            if changes.pruned_ops:  # before the inserts: a pruned op_id may have been used again
-                db.executemany("DELETE FROM ops WHERE op_id = ?", [(op,) for op in changes.pruned_ops])
-            if changes.op_records:
-                db.executemany("INSERT OR REPLACE INTO ops VALUES (?, ?, ?)", changes.op_records)
-            if changes.events:
-                db.executemany(_INSERT_EVENT, list(_event_rows(changes.events, self.acked)))
-            if changes.rebased:  # before the rows they referred to go
-                rows = [(old, seq) for seq, old in changes.rebased]
-                db.executemany("UPDATE events SET old = ? WHERE seq = ?", rows)
-            if changes.acked_seq is not None:
-                db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
-                db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
-            if changes.lsn is not None:
-                db.execute(_SET_META, ("lsn", str(changes.lsn)))
+            for changes in batch:
+                self._apply(changes)
             db.execute("COMMIT")
         except BaseException:
+            self.acked = acked
             if db.in_transaction:  # SQLite already rolled back on some errors (SQLITE_FULL)
                 db.execute("ROLLBACK")
             raise
+
+    def _apply(self, changes: Changes) -> None:
+        db = self.db
+        for group_id in changes.cleared:
+            db.execute("DELETE FROM entries WHERE grp = ?", (group_id,))
+        deletes = [(g, k) for (g, k), (e, recreate) in changes.entries.items() if e is None or recreate]
+        if deletes:
+            db.executemany("DELETE FROM entries WHERE grp = ? AND key = ?", deletes)
+        upserts = list(_upsert_rows(changes))
+        if upserts:
+            db.executemany(_UPSERT, upserts)
+        if changes.pruned_ops:  # before the inserts: a pruned op_id may have been used again
+            db.executemany("DELETE FROM ops WHERE op_id = ?", [(op,) for op in changes.pruned_ops])
+        if changes.op_records:
+            db.executemany("INSERT OR REPLACE INTO ops VALUES (?, ?, ?)", changes.op_records)
+        if changes.events:
+            db.executemany(_INSERT_EVENT, list(_event_rows(changes.events, self.acked)))
+        if changes.rebased:  # before the rows they referred to go
+            rows = [(old, seq) for seq, old in changes.rebased]
+            db.executemany("UPDATE events SET old = ? WHERE seq = ?", rows)
         if changes.acked_seq is not None:
-            self.acked = max(self.acked, changes.acked_seq)
+            db.execute("DELETE FROM events WHERE seq <= ?", (changes.acked_seq,))
+            db.execute(_SET_META, ("acked_seq", str(changes.acked_seq)))
+            self.acked = max(self.acked, changes.acked_seq)  # later sets of the batch compact by it
+        if changes.lsn is not None:
+            db.execute(_SET_META, ("lsn", str(changes.lsn)))
 
     def event_bytes(self) -> int:
         """Bytes of values the stored event log holds (old, new and ops of every row)."""

@@ -25,145 +25,42 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.cluster_utils import Cluster
 
-import shardstate
-from shardstate import ops
-from shardstate.cluster import metadata
-from shardstate.cluster.slots import slot_of
-from shardstate.shards import commands as C
-from shardstate.shards.wire import ShardConnection
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.faultload
+
+import shardstate  # noqa: E402
+from bench.faultload import Load, longest_stall, replication, task_writer, wait_for  # noqa: E402
+from bench.faultload import groups_per_shard as groups_of_shards  # noqa: E402
+from shardstate import ops  # noqa: E402
+from shardstate.cluster import metadata  # noqa: E402
+from shardstate.shards import commands as C  # noqa: E402
+from shardstate.shards.wire import ShardConnection  # noqa: E402
 
 GROUPS_PER_SHARD = 3
 SHARDS = 3
-
-
-@ray.remote(num_cpus=0, resources={"head": 0.01})
-def task_writer(state: shardstate.StateClient, groups: list[str], rounds: int, tag: str) -> int:
-    """Increment ``task-<tag>`` in the groups in turn, ``rounds`` times; return how many were acked."""
-    done = 0
-    for i in range(rounds):
-        state.update(groups[i % len(groups)], f"task-{tag}", [ops.increment("n")], returning="none")
-        done += 1
-    return done
-
-
-class Load:
-    """Driver threads incrementing counters and appending to ordered logs, counting acknowledgements."""
-
-    def __init__(self, state: shardstate.StateClient, groups: list[str], threads: int = 2) -> None:
-        self.state, self.groups = state, groups
-        self.tag = f"{time.monotonic_ns()}"  # keys of their own in every scenario
-        self.acked: dict[tuple[str, str], int] = {}
-        self.logs: dict[tuple[str, str], list[int]] = {}
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
-
-    def start(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def _run(self, t: int) -> None:
-        i = 0
-        count, log = f"count-{self.tag}-{t}", f"log-{self.tag}-{t}"
-        while not self.stop.is_set():
-            group = self.groups[i % len(self.groups)]
-            try:
-                self.state.update(group, count, [ops.increment("n")], returning="none")
-                with self.lock:
-                    self.acked[(group, count)] = self.acked.get((group, count), 0) + 1
-                n = len(self.logs.get((group, log), []))
-                self.state.update(group, log, [ops.append("items", n)], returning="none")
-                with self.lock:
-                    self.logs.setdefault((group, log), []).append(n)
-            except Exception as exc:
-                self.errors.append(f"{type(exc).__name__}: {exc}")
-                time.sleep(0.1)
-            i += 1
-
-    def finish(self) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(120)
-
-    def check(self) -> dict[str, Any]:
-        wrong = []
-        for (group, key), count in self.acked.items():
-            got = self.state.get(group, key)
-            if got != {"n": count}:
-                wrong.append([group, key, count, got])
-        for (group, key), items in self.logs.items():
-            got = self.state.get(group, key)
-            if got != {"items": items}:
-                wrong.append([group, key, len(items), None if got is None else len(got.get("items", []))])
-        return {"acked": sum(self.acked.values()), "wrong": wrong, "errors": self.errors[:5]}
-
-
-def groups_of(state: shardstate.StateClient) -> list[str]:
-    owners = state._link.current().owners
-    out = []
-    for shard in range(SHARDS):
-        found = [f"g{shard}-{i}" for i in range(5000) if owners[slot_of(f"g{shard}-{i}")] == shard]
-        out += found[:GROUPS_PER_SHARD]
-    return out
-
-
-def replication(state: shardstate.StateClient) -> list[dict[str, Any]]:
-    return ray.get(state._link.router.replication.remote())  # type: ignore[no-any-return]
 
 
 def primary_info(state: shardstate.StateClient, shard: int) -> dict[str, Any]:
     return state.shard_info()[shard]
 
 
-def wait_for(predicate: Any, timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def in_sync(state: shardstate.StateClient) -> bool:
     return all(len(r["in_sync"]) >= 1 for r in replication(state))
 
 
-def writable_after(
-    state: shardstate.StateClient, groups: list[str], since: float, window: float = 6.0
-) -> float:
-    """The longest time any group went without an acknowledged write, from ``since`` on: one thread
-    per group writes again and again for ``window`` seconds (and at least once)."""
-    stalls: dict[str, float] = {}
-
-    def probe(group: str) -> None:
-        last, longest, i = since, 0.0, 0
-        while True:
-            state.set(group, "probe", i)
-            now = time.monotonic()
-            longest, last, i = max(longest, now - last), now, i + 1
-            if now - since > window:
-                break
-            time.sleep(0.02)
-        stalls[group] = longest
-
-    threads = [threading.Thread(target=probe, args=(g,)) for g in groups]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(180)
-    return max(stalls.values()) if len(stalls) == len(groups) else -1.0
+def writable_after(state: shardstate.StateClient, groups: list[str], since: float) -> float:
+    return longest_stall(state, groups, since)
 
 
 def scenario_node(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
     load = Load(state, groups).start()
-    tasks = [task_writer.remote(state, groups, 150, str(t)) for t in range(2)]
+    pinned = task_writer.options(resources={"head": 0.01})
+    tasks = [pinned.remote(state, groups, 150, f"task-{t}") for t in range(2)]
     time.sleep(1.0)
     workers = {n.node_id: n for n in cluster.worker_nodes}
     infos = state.shard_info()  # a shard whose primary is on a worker node (the head must stay)
@@ -243,7 +140,7 @@ def scenario_router(state: shardstate.StateClient, cluster: Cluster, groups: lis
     wait_for(lambda: in_sync(state), 90)
     load = Load(state, groups).start()
     time.sleep(0.5)
-    router_pid = ray.get(state._link.router.info.remote())["pid"]
+    router_pid = state._link.ask("info")["pid"]
     info = primary_info(state, 0)
     term = replication(state)[0]["term"]
     killed = time.monotonic()
@@ -252,7 +149,7 @@ def scenario_router(state: shardstate.StateClient, cluster: Cluster, groups: lis
     writable = writable_after(state, groups, killed)
     time.sleep(0.5)
     load.finish()
-    new_pid = ray.get(state._link.router.info.remote())["pid"]
+    new_pid = state._link.ask("info")["pid"]
     return {
         **load.check(),
         "writable_s": writable,
@@ -327,7 +224,7 @@ def main(names: list[str]) -> int:
     state = shardstate.connect(
         cluster="failover", shards=SHARDS, storage=storage, replicas=1, retry_timeout=120
     )
-    groups = groups_of(state)
+    groups = groups_of_shards(state, SHARDS, GROUPS_PER_SHARD)
     for name in names:
         started = time.monotonic()
         found = SCENARIOS[name](state, cluster, groups)
