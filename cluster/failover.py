@@ -318,8 +318,17 @@ class Controller:
                             f"shard {w.index} has {len(w.set.in_sync)} of {self.replicas} backups in sync"
                             + (f" ({w.warned})" if w.warned else "")
                         )
-            if not missing or time.monotonic() > deadline:
-                return missing
+            short = all(
+                w.warned and "alive nodes" in w.warned
+                for w in self.watches
+                if len(w.set.in_sync) < self.replicas
+            )
+            if (
+                not missing
+                or time.monotonic() > deadline
+                or (short and not any("primary" in m for m in missing))
+            ):
+                return missing  # (too few nodes for the backups: waiting does not help)
             time.sleep(0.05)
 
     # -- the loop -------------------------------------------------------------------------------
