@@ -227,10 +227,15 @@ class Controller:
             write_set(self.cluster, index, recorded)
             return watch
         watch = ShardWatch(index, recorded)
-        for member in list(recorded.members):
+        alive: list[str] | None = None
+        for member, node in list(recorded.members.items()):
             handle = self.find(index, member)
+            if handle is None and self.durable:  # the cluster was shut down: back from its file
+                alive = self.alive_nodes() if alive is None else alive
+                if node in alive:
+                    handle = self.spawn(index, member, node)
             if handle is None:
-                continue  # gone (its node was lost while no router ran): replaced by the ticks
+                continue  # gone with its node: replaced by the ticks (a primary is waited for)
             watch.members[member] = Member(handle, now)
         return watch
 
@@ -421,10 +426,7 @@ class Controller:
         if chosen is None and self.durable and restarted_from_its_file(rs, statuses.get(rs.primary)):
             chosen = rs.primary  # its file has every write it acknowledged: it serves again
         if chosen is None:
-            reason = f"shard {watch.index}: primary {rs.primary} lost and no in-sync backup to promote"
-            if watch.warned != reason:
-                print(f"shardstate failover: {reason}; waiting for it to come back", file=sys.stderr)
-                watch.warned = reason
+            _warn(watch, f"shard {watch.index}: primary {rs.primary} lost and no in-sync backup to promote")
             return
         old = rs.primary
         rs.term += 1
@@ -523,10 +525,7 @@ class Controller:
             if found is None:
                 want = self.replicas + 1
                 have = len(rs.members)
-                reason = f"shard {watch.index}: {have} members on {len(alive)} alive nodes, want {want}"
-                if watch.warned != reason:
-                    print(f"shardstate: degraded: {reason}", file=sys.stderr)
-                    watch.warned = reason
+                _warn(watch, f"shard {watch.index}: {have} members on {len(alive)} alive nodes, want {want}")
                 return
             member = rs.next_member
             rs.next_member += 1
@@ -562,6 +561,13 @@ class Controller:
                 primary.channel.call(message, HEARTBEAT_TIMEOUT)
             except Exception:
                 pass
+
+
+def _warn(watch: ShardWatch, reason: str) -> None:
+    """Say once (per change) why a shard is degraded or waiting; ``status()`` shows it too."""
+    if watch.warned != reason:
+        print(f"shardstate failover: {reason}", file=sys.stderr)
+        watch.warned = reason
 
 
 def _endpoint_of(handle: Any) -> Any:

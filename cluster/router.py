@@ -59,6 +59,8 @@ def subscriber_count(shards: int) -> int:
     """How many subscriber actors a cluster of ``shards`` shards runs: one per shard, at most
     :data:`SUBSCRIBERS`."""
     return max(1, min(shards, SUBSCRIBERS))
+
+
 #: seconds ``ready()`` waits for the shards to finish loading before it answers anyway (a shard
 #: still loading then answers "loading, N%" and clients wait for it)
 READY_WAIT = 5.0
@@ -166,39 +168,26 @@ class RouterActor:
             ip = migrated.get("placement", {}).get(str(index))
             known = {"node_id": None, "node_ip": ip} if ip else None
         node_id, _ip = place_shard(index, known, _alive_nodes())
-        return shard_actor_class.options(
-            name=cfg.shard_name(index),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=not durable),
-        ).remote(
-            cfg.name,
-            index,
-            self.map.slots_of(index),
-            self.map.epoch,
-            cfg.max_value_size,
-            cfg.directory() if durable else None,
-            cfg.durability,
-            migrated is not None,  # a cluster of an older shardstate: every shard had a file
-            cfg.op_retention,
-            SWEEP_INTERVAL,
-            cfg.subscriber_name(index % subscriber_count(cfg.shards)),
-            self.cluster_id,
-            cfg.wire_host,
-        )
+        return self._spawn(cfg.shard_name(index), index, node_id, not durable, migrated is not None, None)
 
     def _member(self, index: int, member: int, node_id: str) -> Any:
         """A new member actor of replicated shard ``index``, on node ``node_id`` (never elsewhere: a
         backup must not share its primary's node)."""
+        return self._spawn(self.config.member_name(index, member), index, node_id, False, False, member)
+
+    def _spawn(
+        self, name: str, index: int, node_id: str, soft: bool, must_exist: bool, member: int | None
+    ) -> Any:
+        """A shard actor called ``name`` for shard ``index`` on node ``node_id`` (``soft``: or elsewhere;
+        ``must_exist``: its file must be there; ``member``: its number in a replicated shard)."""
         cfg = self.config
         durable = cfg.durability != "memory"
         return shard_actor_class.options(
-            name=cfg.member_name(index, member),
+            name=name,
             namespace=NAMESPACE,
             lifetime="detached",
             get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=soft),
         ).remote(
             cfg.name,
             index,
@@ -207,7 +196,7 @@ class RouterActor:
             cfg.max_value_size,
             cfg.directory() if durable else None,
             cfg.durability,
-            False,
+            must_exist,
             cfg.op_retention,
             SWEEP_INTERVAL,
             cfg.subscriber_name(index % subscriber_count(cfg.shards)),
@@ -227,18 +216,23 @@ class RouterActor:
         """The actor serving shard ``index`` now (a replicated shard's primary; None: none yet)."""
         return self.shards[index]
 
-    def mark_in_sync(self, index: int, term: int, member: int) -> bool:
-        """A primary of ``term`` brought ``member`` up to date (see ``Controller.mark_in_sync``)."""
-        return self.controller is not None and self.controller.mark_in_sync(index, term, member)
+    async def mark_in_sync(self, index: int, term: int, member: int) -> bool:
+        """A primary of ``term`` brought ``member`` up to date (see ``Controller.mark_in_sync``; on
+        a thread: the controller's lock must not stall the router's event loop)."""
+        if self.controller is None:
+            return False
+        return await asyncio.to_thread(self.controller.mark_in_sync, index, term, member)
 
-    def drop_backup(self, index: int, term: int, member: int) -> bool:
+    async def drop_backup(self, index: int, term: int, member: int) -> bool:
         """A primary of ``term`` lost backup ``member`` (see ``Controller.drop_backup``)."""
-        return self.controller is not None and self.controller.drop_backup(index, term, member)
+        if self.controller is None:
+            return False
+        return await asyncio.to_thread(self.controller.drop_backup, index, term, member)
 
-    def replication(self) -> builtins.list[dict[str, Any]]:
+    async def replication(self) -> builtins.list[dict[str, Any]]:
         """Per shard its term (epoch), primary, in-sync backups, members and their last heartbeats
         (empty without replicas)."""
-        return [] if self.controller is None else self.controller.status()
+        return [] if self.controller is None else await asyncio.to_thread(self.controller.status)
 
     # -- cluster management -------------------------------------------------------------------
     async def ready(
@@ -371,7 +365,7 @@ class RouterActor:
         if self.controller is None:
             return list(await asyncio.gather(*(s.info.remote() for s in self.shards)))
         out = []
-        for entry in self.controller.status():
+        for entry in await asyncio.to_thread(self.controller.status):
             index = entry["shard"]
             members = []
             for member in sorted(int(m) for m in entry["members"]):

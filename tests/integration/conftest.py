@@ -16,9 +16,10 @@ CLUSTER = f"test-{uuid.uuid4().hex[:8]}"
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """A local Ray instance for the whole session (4 logical CPUs so tasks really overlap)."""
+    """A new local Ray instance for the whole session (4 logical CPUs so tasks really overlap;
+    ``address="local"``: never one a multi-node test's ``cluster_utils.Cluster`` left behind)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

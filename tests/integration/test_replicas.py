@@ -77,3 +77,16 @@ def test_a_killed_lone_primary_of_a_durable_cluster_comes_back_from_its_file(
     assert after["pid"] != before["pid"]
     assert after["term"] == before["term"] + 1  # a new term, same member, from its own file
     assert after["member"] == before["member"]
+
+
+def test_a_replicated_durable_cluster_comes_back_after_shutdown(new_cluster: dict[str, str]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegradedWarning)
+        state = shardstate.connect(**new_cluster, shards=2, replicas=1)
+        for i in range(30):
+            state.update(f"g{i % 3}", "n", [ops.increment("c")])
+        term = state.shard_info()[0]["term"]
+        assert shardstate.shutdown(new_cluster["cluster"])
+        again = shardstate.connect(cluster=new_cluster["cluster"], storage=new_cluster["storage"])
+    assert [again.get(f"g{i}", "n") for i in range(3)] == [{"c": 10}] * 3
+    assert again.shard_info()[0]["term"] == term + 1  # the same member, from its file, a new term
