@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
+from ray.exceptions import (
+    ActorUnavailableError,
+    ActorUnschedulableError,
+    GetTimeoutError,
+    RayActorError,
+    RayError,
+)
 
 from shardstate._errors import ShardLoading, StateError, Unavailable
 from shardstate._transport import (
@@ -92,6 +98,12 @@ class ClusterLink:
         self.retry_timeout = retry_timeout
         self.transport = transport
         self.max_value_size: int = config["max_value_size"]
+        #: the Ray errors that mean "this shard actor is gone: refresh the map, send again": a dead
+        #: or restarting actor; in a replicated cluster also one pinned to a lost node (its shard
+        #: fails over to another member)
+        self.gone: tuple[type[BaseException], ...] = (RayActorError,)
+        if config.get("replicas"):
+            self.gone = (RayActorError, ActorUnschedulableError)
         self.closed = False
         self._lock = threading.Lock()
         self.view: ShardView | None = None
@@ -303,7 +315,7 @@ class ClusterLink:
                 raise self.unavailable(exc) from exc
         try:
             return ray.get(_ray_call(view.shards[shard], packed, lane, resume), timeout=self.timeout)  # type: ignore[no-any-return]
-        except RayActorError as exc:
+        except self.gone as exc:
             raise ShardGone(str(exc)) from exc
         except (RayError, GetTimeoutError) as exc:
             self.check_open()
@@ -329,7 +341,7 @@ class ClusterLink:
         for i, ref in refs.items():
             try:
                 out[i] = ray.get(ref, timeout=self.timeout)
-            except RayActorError as exc:
+            except self.gone as exc:
                 out[i] = ShardGone(str(exc))
             except (RayError, GetTimeoutError) as exc:
                 out[i] = self.unavailable(exc)
@@ -364,7 +376,7 @@ class ClusterLink:
             return await receive(pending, self.timeout)
         except ShardGone:
             raise
-        except RayActorError as exc:
+        except self.gone as exc:
             raise ShardGone(str(exc)) from exc
         except (RayError, TimeoutError, asyncio.TimeoutError, AuthenticationError) as exc:
             self.check_open()

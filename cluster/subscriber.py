@@ -45,7 +45,7 @@ from typing import Any
 
 import cloudpickle
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from shardstate._errors import NotPrimary, StateError, Unavailable
 from shardstate._models import StateEvent
@@ -439,7 +439,7 @@ class SubscriberActor:
             await handle.set_events_durable.remote(wanted)
             if wanted:  # events up to its acknowledgement were for nobody (it acknowledged them)
                 _head, floor, _oldest = await handle.event_state.remote()
-        except (RayActorError, ValueError, NotPrimary):  # restarting, failing over: its pump tells it later
+        except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):  # restarting, failing over: its pump tells it later
             self._durable.pop(shard, None)
             return
         self._durable[shard] = wanted
@@ -536,7 +536,7 @@ class SubscriberActor:
                     pulled = await handle.events_since.remote(cursor, 1)
                     if pulled:
                         self._notified[shard] = max(self._notified.get(shard, 0), pulled[-1].seq)
-            except (RayActorError, ValueError, NotPrimary):  # restarting, failing over, not up yet
+            except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):  # restarting, failing over, not up yet
                 cursor = None
                 handle = None
                 self._handles.pop(shard, None)
