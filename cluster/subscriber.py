@@ -439,7 +439,8 @@ class SubscriberActor:
             await handle.set_events_durable.remote(wanted)
             if wanted:  # events up to its acknowledgement were for nobody (it acknowledged them)
                 _head, floor, _oldest = await handle.event_state.remote()
-        except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):  # restarting, failing over: its pump tells it later
+        # restarting, failing over: its pump tells it later
+        except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):
             self._durable.pop(shard, None)
             return
         self._durable[shard] = wanted
@@ -536,7 +537,8 @@ class SubscriberActor:
                     pulled = await handle.events_since.remote(cursor, 1)
                     if pulled:
                         self._notified[shard] = max(self._notified.get(shard, 0), pulled[-1].seq)
-            except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):  # restarting, failing over, not up yet
+            # restarting, failing over, not up yet
+            except (RayActorError, ActorUnschedulableError, ValueError, NotPrimary):
                 cursor = None
                 handle = None
                 self._handles.pop(shard, None)
