@@ -34,7 +34,7 @@ from shardstate import ops
 SHARDS = 3
 
 
-@ray.remote(num_cpus=0)
+@ray.remote  # one CPU each: workers are reused (not a new process per task)
 def merge(state: shardstate.StateClient, group: str, i: int) -> None:
     """One fan-in task: its own result, and the shared counter."""
     with state.pipeline() as p:

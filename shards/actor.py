@@ -118,6 +118,9 @@ class ShardActor:
         self._incoming: tuple[int, int, list[bytes]] | None = None
         self.promotions = 0
         self.fenced_reason: str | None = None
+        #: a backup: records applied one at a time, and the seconds their commits took
+        self.applied = 0
+        self.apply_seconds = 0.0
         #: why the last confirmation failed (a primary whose backup failed while the router was away)
         self.unconfirmed: str | None = None
         self.cluster = cluster
@@ -616,7 +619,10 @@ class ShardActor:
             if not isinstance(changes, Changes):
                 return (rep.REFUSED, f"a record holds Changes, got {type(changes).__name__}")
             changes.lsn = lsn
+            started = time.perf_counter()
             self.storage.commit(changes)
+            self.applied += 1
+            self.apply_seconds += time.perf_counter() - started
             self.lsn = lsn
             return (rep.OK, lsn)
 
@@ -1034,6 +1040,8 @@ class ShardActor:
             "term": self.term,
             "lsn": self.lsn,
             "promotions": self.promotions,
+            "applied": self.applied,
+            "apply_us": round(1e6 * self.apply_seconds / self.applied, 1) if self.applied else None,
             "fenced_reason": self.fenced_reason,
             "replication": None if self._replicator is None else self._replicator.status(),
         }

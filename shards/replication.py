@@ -157,6 +157,8 @@ class Replicator:
         self.lock = threading.Lock()  # guards joiners (the catch-up threads read their tails)
         self.dropped = 0
         self.rounds = 0
+        #: seconds spent waiting for backups (all rounds): replication's share of write latency
+        self.waited = 0.0
 
     # -- committing ----------------------------------------------------------------------------
     def record(self, lsn: int, changes_body: bytes, notify: Any) -> None:
@@ -218,6 +220,7 @@ class Replicator:
         for member in failed:
             self._drop(member)
         self.rounds += 1
+        self.waited += time.monotonic() - started
         self.last_round = started
         self.lease_until = started + LEASE if self.backups else float("inf")
         notes = [p.notify for p in self.pending]
@@ -290,6 +293,7 @@ class Replicator:
             "lease_left": None if self.lease_until == float("inf") else round(self.lease_until - now, 3),
             "dropped": self.dropped,
             "rounds": self.rounds,
+            "round_us": round(1e6 * self.waited / self.rounds, 1) if self.rounds else None,
         }
 
 
