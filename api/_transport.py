@@ -273,6 +273,7 @@ class AsyncConnection:
             fut = self._pending.popleft()
             if not fut.done():
                 fut.set_exception(error)
+                fut.exception()  # a lane resends what was in flight: not every such future is awaited
 
     def close(self) -> None:
         """Close the connection; pending requests fail with :class:`ShardGone`."""

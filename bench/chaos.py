@@ -25,6 +25,7 @@ so a failure replays with ``--seed``.
 
     python -m bench.chaos --seeds 20             # make chaos
     python -m bench.chaos --seed 7 --faults 6    # replay one schedule
+    python -m bench.chaos --seeds 5 --durability memory
 """
 
 from __future__ import annotations
@@ -68,15 +69,21 @@ def members(state: shardstate.StateClient) -> list[dict[str, Any]]:
 class Schedule:
     """One seed's run: the cluster, the load, the faults, the check."""
 
-    def __init__(self, seed: int, faults: int, cluster: Cluster) -> None:
+    def __init__(self, seed: int, faults: int, cluster: Cluster, durability: str = "os") -> None:
         self.seed, self.faults, self.cluster = seed, faults, cluster
+        self.durability = durability
         self.rng = random.Random(seed)
         self.log: list[str] = []
         self.stalls: list[float] = []
 
     def run(self) -> dict[str, Any]:
         state = shardstate.connect(
-            cluster=CLUSTER, shards=SHARDS, storage=tempfile.mkdtemp(), replicas=1, retry_timeout=180
+            cluster=CLUSTER,
+            shards=SHARDS,
+            storage=tempfile.mkdtemp(),
+            replicas=1,
+            durability=self.durability,
+            retry_timeout=180,
         )
         self._healthy(state)
         groups = groups_per_shard(state, SHARDS, 2)
@@ -209,7 +216,7 @@ class Schedule:
             self.stalls.append(longest_stall(state, groups, started, window=2.0))
 
 
-def run_seeds(seeds: list[int], faults: int) -> list[dict[str, Any]]:
+def run_seeds(seeds: list[int], faults: int, durability: str = "os") -> list[dict[str, Any]]:
     """Run every seed's schedule on its own fresh Ray cluster; one JSON line each."""
     results = []
     for seed in seeds:
@@ -219,7 +226,7 @@ def run_seeds(seeds: list[int], faults: int) -> list[dict[str, Any]]:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         cluster.wait_for_nodes()
         started = time.monotonic()
-        schedule = Schedule(seed, faults, cluster)
+        schedule = Schedule(seed, faults, cluster, durability)
         try:
             found = schedule.run()
         except Exception as exc:
@@ -242,16 +249,18 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=20, help="run seeds 1..N (default 20)")
     parser.add_argument("--seed", type=int, action="append", help="run this seed (repeatable)")
     parser.add_argument("--faults", type=int, default=6, help="faults per schedule (default 6)")
+    parser.add_argument("--durability", default="os", choices=("os", "fsync", "memory"))
     parser.add_argument("--out", default="bench/results/chaos.json")
     args = parser.parse_args()
     seeds = args.seed or list(range(1, args.seeds + 1))
-    results = run_seeds(seeds, args.faults)
+    results = run_seeds(seeds, args.faults, args.durability)
     clean = sum(r["ok"] for r in results)
     stalls = [r["stall_max_s"] for r in results if r.get("stall_max_s") is not None]
     summary = {
         "schedules": len(results),
         "clean": clean,
         "faults_per_schedule": args.faults,
+        "durability": args.durability,
         "failed_seeds": [r["seed"] for r in results if not r["ok"]],
         "worst_stall_s": max(stalls) if stalls else None,
     }

@@ -205,12 +205,42 @@ def scenario_triggers(state: shardstate.StateClient, cluster: Cluster, groups: l
     }
 
 
+def scenario_ordered(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    """3,000 un-awaited asyncio appends per transport from one event loop; shard 0's primary is
+    SIGKILLed in the middle. Each list must end exactly 0..2999 (nothing lost, doubled, reordered)."""
+    import asyncio
+
+    found: dict[str, Any] = {}
+    for transport in ("socket", "ray"):
+        wait_for(lambda: in_sync(state), 90)
+        group = groups[0]
+        key = f"ordered-{transport}"
+
+        async def run(key: str = key, transport: str = transport, group: str = group) -> None:
+            client = await shardstate.connect_async(cluster=state.cluster, transport=transport)
+            await client.set(group, key, {"seen": []})
+            calls = []
+            for i in range(3000):
+                calls.append(asyncio.ensure_future(client.update(group, key, [ops.append("seen", i)])))
+                if i == 1500:
+                    pid = (await client.shard_info())[0]["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                if i % 100 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.gather(*calls)
+
+        asyncio.run(run())
+        found[transport] = (state.get(group, key) or {}).get("seen") == list(range(3000))
+    return {"in_order": found, "term": replication(state)[0]["term"]}
+
+
 SCENARIOS = {
     "node": scenario_node,
     "twice": scenario_twice,
     "paused": scenario_paused,
     "router": scenario_router,
     "triggers": scenario_triggers,
+    "ordered": scenario_ordered,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(900)
 
-SCENARIOS = ("node", "twice", "paused", "router", "triggers")
+SCENARIOS = ("node", "twice", "paused", "router", "triggers", "ordered")
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,8 @@ def test_triggers_across_a_failover_see_every_committed_change(findings: dict[st
     assert row["written"] > 0
     assert row["missing"] == [], row  # at least once: every committed version reached the handler
     assert row["unexpected"] == [], row  # and nothing that was not committed
+
+
+def test_asyncio_calls_keep_their_order_through_a_failover(findings: dict[str, Any]) -> None:
+    row = findings["ordered"]
+    assert row["in_order"] == {"socket": True, "ray": True}, row
