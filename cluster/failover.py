@@ -171,6 +171,10 @@ class ShardWatch:
         self.members: dict[int, Member] = {}
         self.promoting: threading.Thread | None = None
         self.warned: str | None = None
+        #: its primary is lost and no backup may take over (``warned`` says so until it is back)
+        self.waiting = False
+        #: fewer alive nodes than it needs members
+        self.short_of_nodes = False
         self.failovers = 0
         self.last_failover: dict[str, Any] | None = None
 
@@ -180,7 +184,7 @@ class Controller:
 
     ``spawn(shard, member, node)`` creates a member actor; ``find(shard, member)`` returns a
     running one's handle or None; ``kill(handle)`` kills one for good; ``alive_nodes()`` lists the
-    alive node ids; ``on_change(shard)`` tells the router the primary changed.
+    alive node ids.
     """
 
     def __init__(
@@ -192,7 +196,6 @@ class Controller:
         find: Callable[[int, int], Any],
         kill: Callable[[Any], None],
         alive_nodes: Callable[[], list[str]],
-        on_change: Callable[[int], None],
         secret: bytes | None,
         my_ip: str | None,
         durable: bool = False,
@@ -202,7 +205,7 @@ class Controller:
         self.durable = durable
         self.replicas = replicas
         self.spawn, self.find, self.kill = spawn, find, kill
-        self.alive_nodes, self.on_change = alive_nodes, on_change
+        self.alive_nodes = alive_nodes
         self.secret, self.my_ip = secret, my_ip
         self.lock = threading.RLock()
         self._nodes: list[str] = []
@@ -312,27 +315,21 @@ class Controller:
         return what is still missing (the cluster runs degraded meanwhile)."""
         deadline = time.monotonic() + timeout
         while True:
-            missing = []
+            missing: list[str] = []
+            primaryless = False
             with self.lock:
                 for w in self.watches:
                     st = w.members.get(w.set.primary)
                     if st is None or st.status is None or st.status.get("role") != rep.PRIMARY:
                         missing.append(f"shard {w.index} has no serving primary yet")
+                        primaryless = True
                     elif len(w.set.in_sync) < self.replicas:
                         missing.append(
                             f"shard {w.index} has {len(w.set.in_sync)} of {self.replicas} backups in sync"
                             + (f" ({w.warned})" if w.warned else "")
                         )
-            short = all(
-                w.warned and "alive nodes" in w.warned
-                for w in self.watches
-                if len(w.set.in_sync) < self.replicas
-            )
-            if (
-                not missing
-                or time.monotonic() > deadline
-                or (short and not any("primary" in m for m in missing))
-            ):
+            short = all(w.short_of_nodes for w in self.watches if len(w.set.in_sync) < self.replicas)
+            if not missing or time.monotonic() > deadline or (short and not primaryless):
                 return missing  # (too few nodes for the backups: waiting does not help)
             time.sleep(0.05)
 
@@ -396,7 +393,8 @@ class Controller:
         if watch.promoting is not None and not watch.promoting.is_alive():
             watch.promoting = None
         if valid is True:
-            watch.warned = None if watch.warned and "lost" in watch.warned else watch.warned
+            if watch.waiting:
+                watch.waiting, watch.warned = False, None
             if not rs.served:
                 rs.served = True
                 write_set(self.cluster, watch.index, rs)
@@ -426,6 +424,7 @@ class Controller:
         if chosen is None and self.durable and restarted_from_its_file(rs, statuses.get(rs.primary)):
             chosen = rs.primary  # its file has every write it acknowledged: it serves again
         if chosen is None:
+            watch.waiting = True
             _warn(watch, f"shard {watch.index}: primary {rs.primary} lost and no in-sync backup to promote")
             return
         old = rs.primary
@@ -443,7 +442,6 @@ class Controller:
             file=sys.stderr,
         )
         self._promote(watch, chosen, rs.term)
-        self.on_change(watch.index)
 
     def _promote(self, watch: ShardWatch, member: int, term: int) -> None:
         target = watch.members[member]
@@ -466,7 +464,6 @@ class Controller:
                     if watch.set.term == term and watch.set.primary == member:
                         watch.set.in_sync = []  # the others catch up with the new primary
                         write_set(self.cluster, watch.index, watch.set)
-                self.on_change(watch.index)
 
         watch.promoting = threading.Thread(target=run, daemon=True, name=f"shardstate-promote-{watch.index}")
         watch.promoting.start()
@@ -520,9 +517,11 @@ class Controller:
         for w in self.watches:
             for node in w.set.members.values():
                 load[node] = load.get(node, 0) + 1
+        watch.short_of_nodes = False
         while len(rs.members) < self.replicas + 1:
             found = node_for(list(rs.members.values()), alive, load)
             if found is None:
+                watch.short_of_nodes = True
                 want = self.replicas + 1
                 have = len(rs.members)
                 _warn(watch, f"shard {watch.index}: {have} members on {len(alive)} alive nodes, want {want}")

@@ -135,7 +135,6 @@ class RouterActor:
                 find=self._find_member,
                 kill=_kill,
                 alive_nodes=lambda: [node for node, _ip in _alive_nodes()],
-                on_change=lambda _shard: None,
                 secret=metadata.secret(self.config.name),
                 my_ip=ray.util.get_node_ip_address(),
                 durable=self.config.durability != "memory",

@@ -118,7 +118,6 @@ class Joiner:
     """A backup catching up: records committed since its snapshot wait here for it."""
 
     member: int
-    since: int
     #: ``(lsn, pickled changes)`` of the records committed since the snapshot
     tail: deque[tuple[int, bytes]] = field(default_factory=deque)
     abandoned: bool = False
@@ -153,7 +152,6 @@ class Replicator:
         #: monotonic time until which this primary may serve (in-sync backups promised not to
         #: take over before); infinite while it has none
         self.lease_until = float("inf")
-        self.last_round = time.monotonic()
         self.lock = threading.Lock()  # guards joiners (the catch-up threads read their tails)
         self.dropped = 0
         self.rounds = 0
@@ -221,7 +219,6 @@ class Replicator:
             self._drop(member)
         self.rounds += 1
         self.waited += time.monotonic() - started
-        self.last_round = started
         self.lease_until = started + LEASE if self.backups else float("inf")
         notes = [p.notify for p in self.pending]
         self.pending.clear()
@@ -244,7 +241,7 @@ class Replicator:
     def join(self, member: int) -> Joiner:
         """Start collecting the log tail for ``member`` (call under the engine lock, with the
         snapshot taken at :attr:`lsn`)."""
-        joiner = Joiner(member, self.lsn)
+        joiner = Joiner(member)
         with self.lock:
             self.joiners[member] = joiner
         return joiner

@@ -53,10 +53,6 @@ def in_sync(state: shardstate.StateClient) -> bool:
     return all(len(r["in_sync"]) >= 1 for r in replication(state))
 
 
-def writable_after(state: shardstate.StateClient, groups: list[str], since: float) -> float:
-    return longest_stall(state, groups, since)
-
-
 def scenario_node(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
     load = Load(state, groups).start()
     pinned = task_writer.options(resources={"head": 0.01})
@@ -69,7 +65,7 @@ def scenario_node(state: shardstate.StateClient, cluster: Cluster, groups: list[
     before = replication(state)[shard]["term"]
     removed = time.monotonic()
     cluster.remove_node(node, allow_graceful=False)
-    writable = writable_after(state, groups, removed)
+    writable = longest_stall(state, groups, removed)
     time.sleep(1.0)
     load.finish()
     task_counts = ray.get(tasks, timeout=300)
@@ -92,7 +88,7 @@ def scenario_twice(state: shardstate.StateClient, cluster: Cluster, groups: list
         info = primary_info(state, 0)
         killed = time.monotonic()
         os.kill(info["pid"], signal.SIGKILL)
-        times.append(writable_after(state, groups, killed))
+        times.append(longest_stall(state, groups, killed))
         terms.append(replication(state)[0]["term"])
     time.sleep(0.5)
     load.finish()
@@ -117,7 +113,7 @@ def scenario_paused(state: shardstate.StateClient, cluster: Cluster, groups: lis
     finally:  # wakes up in the new term, before the router kills it
         with contextlib.suppress(ProcessLookupError):
             os.kill(info["pid"], signal.SIGCONT)
-    writable = writable_after(state, groups, stopped)
+    writable = longest_stall(state, groups, stopped)
     try:
         conn.sock.settimeout(30)
         answer = pickle.loads(conn.receive())
@@ -146,7 +142,7 @@ def scenario_router(state: shardstate.StateClient, cluster: Cluster, groups: lis
     killed = time.monotonic()
     os.kill(info["pid"], signal.SIGKILL)
     os.kill(router_pid, signal.SIGKILL)
-    writable = writable_after(state, groups, killed)
+    writable = longest_stall(state, groups, killed)
     time.sleep(0.5)
     load.finish()
     new_pid = state._link.ask("info")["pid"]
