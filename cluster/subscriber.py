@@ -64,7 +64,9 @@ from shardstate.cluster.delivery import (
     run_delivery,
     to_state_event,
 )
+from shardstate.cluster.metrics import Flusher, record_delivery
 from shardstate.cluster.runners import RunnerPool
+from shardstate.cluster.tallies import DeliveryTally
 from shardstate.shards.event_forms import Resolver, Unresolved
 from shardstate.shards.followers import SUBSCRIBER, FollowSpec, frame_of, stream_target
 from shardstate.shards.records import Event
@@ -186,6 +188,9 @@ class SubscriberActor:
         #: per trigger: its handler's pickled form and the name runners keep it under
         self._handler_keys: dict[str, tuple[bytes, str]] = {}
         self.runners = RunnerPool(self.config.name, MAX_IN_FLIGHT)
+        #: event lag and dead letters, recorded to Ray's metrics once a second by a flusher thread
+        self.tally = DeliveryTally()
+        self._flusher = Flusher(self._record_metrics, name=f"subscriber-{index}-metrics")
         threading.Thread(target=self._start_soon, daemon=True).start()
 
     def _start_soon(self) -> None:
@@ -467,8 +472,13 @@ class SubscriberActor:
             "pushes_dropped": self.pushes_dropped,
             "streaming": sorted(s for s, up in self.streaming.items() if up),
             "stream_gaps": self.stream_gaps,
+            "event_lag_s": self.tally.summary(),
             **self.runners.stats(),
         }
+
+    def _record_metrics(self) -> None:
+        """Record what the tally gathered to Ray's metrics (the flusher thread, once a second)."""
+        record_delivery(self.config.name, self.tally.drain())
 
     # -- the pump -----------------------------------------------------------------------------
     async def _pump(self, shard: int) -> None:
@@ -645,6 +655,7 @@ class SubscriberActor:
         async with self._slots:
             self.in_flight += 1
             self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+            self.tally.delivered(chunk.shard, [r.at for r in chunk.records])
             try:
                 dead = await run_delivery(self.runners, chunk)
             finally:
@@ -680,6 +691,7 @@ class SubscriberActor:
                 )
                 continue
             self.dead += 1
+            self.tally.dead_letter(event.shard, item["trigger"])
 
 
 __all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "SubscriberActor", "matches", "to_state_event"]

@@ -40,7 +40,9 @@ import ray
 from shardstate._errors import InvalidInput, NotPrimary, ShardLoading, Unavailable
 from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, router_name
+from shardstate.cluster.metrics import Flusher, record_shard
 from shardstate.cluster.slots import slot_of
+from shardstate.cluster.tallies import ShardTally
 from shardstate.shards import replication as rep
 from shardstate.shards.commands import WRITES, Result
 from shardstate.shards.engine import DEFAULT_OP_RETENTION, ShardEngine
@@ -139,6 +141,10 @@ class ShardActor:
         self.restarted = _was_restarted()
         self.batches = 0
         self.commands = 0
+        #: ops by command, batch latency and size, replication rounds: counted per batch, recorded
+        #: to Ray's metrics by a flusher thread once loaded (see shardstate.cluster.metrics)
+        self.tally = ShardTally()
+        self._flusher: Flusher | None = None
         self.subscriber_name = subscriber_name or f"{cluster}:subscriber:0"
         self._subscriber: Any = None
         #: committed events not yet handed to followers: per commit (durable events, every event)
@@ -223,6 +229,7 @@ class ShardActor:
             threading.Thread(target=self._pinger, daemon=True, name=f"shard-{self.index}-ping").start()
         if self.cluster_id is not None:
             self._start_wire()
+        self._flusher = Flusher(self._record_metrics, name=f"shard-{self.index}-metrics")
         if self.sweep_interval > 0:
             threading.Thread(target=self._sweeper, args=(self.sweep_interval,), daemon=True).start()
 
@@ -394,6 +401,8 @@ class ShardActor:
         replicator = self._replicator
         if replicator is None:
             return self.role == rep.PRIMARY
+        timed = bool(replicator.backups)
+        started = time.perf_counter()
         try:
             notes = replicator.confirm()
         except rep.Deposed as exc:
@@ -403,6 +412,8 @@ class ShardActor:
             self.unconfirmed = str(exc)
             return False
         self.unconfirmed = None
+        if timed:
+            self.tally.replication_round(time.perf_counter() - started)
         for durable, fresh in notes:
             if fresh:
                 self._notify(durable, fresh)
@@ -508,6 +519,13 @@ class ShardActor:
             return [(False, self._refusal())] * len(batch)
         self.batches += 1
         self.commands += len(batch)
+        started = time.perf_counter()
+        try:
+            return self._execute_counted(batch, lane, resume)
+        finally:
+            self.tally.batch(batch, time.perf_counter() - started)
+
+    def _execute_counted(self, batch: Sequence[Any], lane: str | None, resume: bool) -> list[Result]:
         if not self.storage_ok:
             return self._execute_read_only(batch)
         results = self.engine.execute_batch(batch, lane=lane, resume=bool(resume))
@@ -1044,7 +1062,12 @@ class ShardActor:
             "apply_us": round(1e6 * self.apply_seconds / self.applied, 1) if self.applied else None,
             "fenced_reason": self.fenced_reason,
             "replication": None if self._replicator is None else self._replicator.status(),
+            "metrics": self.tally.summary(),
         }
+
+    def _record_metrics(self) -> None:
+        """Record what the tally gathered to Ray's metrics (the flusher thread, once a second)."""
+        record_shard(self.cluster, self.index, self.tally.drain())
 
     def ping(self) -> int:
         """Liveness check: returns this shard's index."""

@@ -100,3 +100,21 @@ def test_a_file_that_fails_to_open_keeps_the_shard_up_and_says_why(tmp_path: Pat
     assert not isinstance(error, ShardLoading)
     assert "unreadable" in str(error)
     assert actor.status() == {"index": 0, "phase": "failed", "error": actor.load_error}
+
+
+def test_info_shows_the_metrics_of_the_batches_it_ran(shard: ShardActor) -> None:
+    shard.execute([put("a", 1), put("b", 2), get("a")])
+    shard.execute([C.command(C.UPDATE, "g", "a", [{"type": "set", "path": "x", "value": 1}], None)])
+    shard.execute(["no command"])
+    shard.phase = LOADING  # batches refused while loading run nothing and are not counted
+    shard.execute([get("a")])
+    shard.phase = READY
+    figures = shard.info()["metrics"]
+    assert figures["ops"] == {"get": 1, "invalid": 1, "set": 2, "update": 1}
+    assert figures["batches"] == 3
+    assert figures["batch_size_mean"] == round(5 / 3, 1)
+    assert 0 < figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"]
+    assert figures["replication_lag_us"] is None  # no backups
+    drained = shard.tally.drain()
+    assert drained.ops == figures["ops"]
+    assert [n for _t, _ms, n in drained.batches] == [3, 1, 1]

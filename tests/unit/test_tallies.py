@@ -1,0 +1,155 @@
+"""The metric tallies: what shards and subscribers count per batch, and the figures they show."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shardstate.cluster import tallies
+from shardstate.cluster.tallies import DeliveryTally, ShardTally, Window, count_kinds, percentile, recent
+from shardstate.shards.commands import command
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200))
+def test_percentiles_lie_within_the_samples(values: list[float]) -> None:
+    ordered = sorted(values)
+    p50, p99 = percentile(ordered, 50), percentile(ordered, 99)
+    assert p50 is not None
+    assert p99 is not None
+    assert ordered[0] <= p50 <= p99 <= ordered[-1]
+    assert sum(v <= p50 for v in ordered) >= len(ordered) / 2
+
+
+def test_ops_are_counted_by_command_cumulatively() -> None:
+    tally = ShardTally(Clock())
+    tally.batch([command("set", "g", "a", b"x"), command("set", "g", "b", b"y"), command("get", "g", "a")], 0.001)
+    tally.batch([command("update", "g", "a", [])], 0.002)
+    assert tally.ops() == {"get": 1, "set": 2, "update": 1}
+    drained = tally.drain()
+    assert drained.ops == {"get": 1, "set": 2, "update": 1}
+    tally.batch([command("set", "g", "c", b"z")], 0.001)
+    assert tally.drain().ops == {"set": 1}  # a drain hands over what is new only
+    assert tally.drain().ops == {}
+    assert tally.ops() == {"get": 1, "set": 3, "update": 1}  # info() shows every op since start
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        ["not a command", command("get", "g", "a")],
+        [{"kind": "set"}, command("get", "g", "a")],
+        [(), command("get", "g", "a")],
+        [(["unhashable"], "g", "a", None, None), command("get", "g", "a")],
+        [("x" * 500, "g", "a", None, None), command("get", "g", "a")],
+    ],
+)
+def test_a_malformed_entry_counts_as_invalid(batch: list[Any]) -> None:
+    tally = ShardTally(Clock())
+    tally.batch(batch, 0.001)
+    assert tally.ops() == {"get": 1, "invalid": 1}
+    assert tally.drain().ops == {"get": 1, "invalid": 1}
+
+
+def test_count_kinds_counts_every_entry() -> None:
+    assert count_kinds([command("set"), command("set"), command("clear", "g")]) == {"set": 2, "clear": 1}
+    assert sum(count_kinds([1, 2, command("get")]).values()) == 3
+
+
+def test_summary_shows_recent_latency_and_batch_size() -> None:
+    clock = Clock()
+    tally = ShardTally(clock)
+    for i in range(1, 101):  # 1..100 ms, batches of 1..100 commands
+        tally.batch([command("get", "g", "k")] * i, i / 1000)
+    figures = tally.summary()  # before any drain: pending samples count too
+    assert figures["latency_ms"] == {"p50": 50.0, "p99": 99.0}
+    assert figures["batch_size_mean"] == 50.5
+    assert figures["batches"] == 100
+    assert figures["ops"] == {"get": 5050}
+    assert figures["replication_lag_us"] is None
+    drained = tally.drain()
+    assert len(drained.batches) == 100
+    assert [n for _t, _ms, n in drained.batches] == list(range(1, 101))
+    assert tally.summary()["latency_ms"] == {"p50": 50.0, "p99": 99.0}  # drained samples stay recent
+    clock.now += tallies.WINDOW_SECONDS + 1
+    old = tally.summary()
+    assert old["latency_ms"] == {"p50": None, "p99": None}  # the window moved past them
+    assert old["batch_size_mean"] is None
+    assert old["ops"] == {"get": 5050}
+
+
+def test_replication_rounds_are_kept_in_microseconds() -> None:
+    tally = ShardTally(Clock())
+    tally.replication_round(0.000_200)
+    tally.replication_round(0.000_400)
+    assert tally.summary()["replication_lag_us"] == 300.0
+    assert [us for _t, us in tally.drain().rounds] == pytest.approx([200.0, 400.0])
+    assert tally.drain().rounds == []
+
+
+def test_pending_samples_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tallies, "MAX_PENDING", 10)
+    tally = ShardTally(Clock())
+    for _ in range(15):
+        tally.batch([command("get", "g", "k")], 0.001)
+    assert len(tally.drain().batches) == 10
+    assert tally.dropped == 5
+    assert tally.ops() == {"get": 15}  # the counts stay exact
+    tally.batch([command("get", "g", "k")], 0.001)
+    assert len(tally.drain().batches) == 1
+
+
+def test_window_keeps_the_latest_samples() -> None:
+    window = Window(seconds=10, size=3)
+    window.extend([(1.0, 1.0), (2.0, 2.0), (3.0, 3.0), (4.0, 4.0)])
+    assert recent(window.samples(), 0.0) == [2.0, 3.0, 4.0]
+    assert recent(window.samples(), 3.0) == [3.0, 4.0]
+
+
+def test_event_lag_from_commit_to_delivery() -> None:
+    clock, wall = Clock(), Clock(5000.0)
+    tally = DeliveryTally(clock, wall)
+    tally.delivered(2, [4999.0, 4999.5, 4999.9])  # 1 s, 0.5 s, 0.1 s ago
+    tally.delivered(3, [5000.5])  # the shard's clock runs ahead: no lag, never a negative one
+    figures = tally.summary()
+    assert figures == {"p50": 0.1, "max": 1.0, "count": 4}
+    drained = tally.drain()
+    assert [(shard, round(lag, 3)) for shard, lag in drained.lags] == [(2, 1.0), (2, 0.5), (2, 0.1), (3, 0.0)]
+    assert tally.drain().lags == []
+    assert tally.summary()["count"] == 4
+    clock.now += tallies.WINDOW_SECONDS + 1
+    assert tally.summary() == {"p50": None, "max": None, "count": 0}
+
+
+def test_dead_letters_by_shard_and_trigger() -> None:
+    tally = DeliveryTally(Clock(), Clock())
+    tally.dead_letter(1, "audit")
+    tally.dead_letter(1, "audit")
+    tally.dead_letter(2, "mail")
+    assert tally.dead_letters == 3
+    assert tally.drain().dead == {(1, "audit"): 2, (2, "mail"): 1}
+    assert tally.drain().dead == {}
+    assert tally.dead_letters == 3
