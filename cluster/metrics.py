@@ -63,7 +63,7 @@ def metrics() -> dict[str, Any]:
         BATCH_SIZE: Histogram(BATCH_SIZE, "Commands per shard batch", BATCH_SIZE_BOUNDARIES, TAGS),
         REPLICATION_ROUND: Histogram(
             REPLICATION_ROUND,
-            "A replicated primary's round with its in-sync backups, µs",
+            "A replicated primary's round with its in-sync backups, microseconds",
             REPLICATION_US_BOUNDARIES,
             TAGS,
         ),
