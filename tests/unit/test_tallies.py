@@ -46,7 +46,8 @@ def test_percentiles_lie_within_the_samples(values: list[float]) -> None:
 
 def test_ops_are_counted_by_command_cumulatively() -> None:
     tally = ShardTally(Clock())
-    tally.batch([command("set", "g", "a", b"x"), command("set", "g", "b", b"y"), command("get", "g", "a")], 0.001)
+    sets = [command("set", "g", "a", b"x"), command("set", "g", "b", b"y")]
+    tally.batch([*sets, command("get", "g", "a")], 0.001)
     tally.batch([command("update", "g", "a", [])], 0.002)
     assert tally.ops() == {"get": 1, "set": 2, "update": 1}
     drained = tally.drain()
@@ -153,3 +154,62 @@ def test_dead_letters_by_shard_and_trigger() -> None:
     assert tally.drain().dead == {(1, "audit"): 2, (2, "mail"): 1}
     assert tally.drain().dead == {}
     assert tally.dead_letters == 3
+
+
+class Recorder:
+    """Stands in for a Ray metric object: keeps every (value, tags) recorded."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.points.append((value, tags))
+
+    observe = inc
+
+
+def test_drained_figures_go_to_the_metric_objects_with_their_tags(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardstate.cluster import metrics
+
+    # the real objects accept every kind of point (outside Ray they record nothing)
+    shard_tally = ShardTally(Clock())
+    shard_tally.batch([command("set", "g", "a", b"x"), command("get", "g", "a")], 0.002)
+    shard_tally.replication_round(0.0005)
+    delivery = DeliveryTally(Clock(), Clock(10.0))
+    delivery.delivered(1, [9.5])
+    delivery.dead_letter(1, "audit")
+    metrics.record_shard("unit", 3, shard_tally.drain())
+    metrics.record_delivery("unit", delivery.drain())
+
+    fakes = {name: Recorder() for name in metrics.metrics()}
+    monkeypatch.setattr(metrics, "metrics", lambda: fakes)
+    shard_tally.batch([command("set", "g", "a", b"x"), command("set", "g", "b", b"x")], 0.004)
+    shard_tally.replication_round(0.0005)
+    metrics.record_shard("unit", 3, shard_tally.drain())
+    delivery.delivered(1, [9.75])
+    delivery.dead_letter(1, "audit")
+    metrics.record_delivery("unit", delivery.drain())
+    tags = {"cluster": "unit", "shard": "3"}
+    assert fakes[metrics.OPS].points == [(2, {**tags, "command": "set"})]
+    assert fakes[metrics.BATCH_LATENCY].points == [(pytest.approx(4.0), tags)]
+    assert fakes[metrics.BATCH_SIZE].points == [(2, tags)]
+    assert fakes[metrics.REPLICATION_ROUND].points == [(pytest.approx(500.0), tags)]
+    assert fakes[metrics.EVENT_LAG].points == [(0.25, {"cluster": "unit", "shard": "1"})]
+    assert fakes[metrics.DEAD_LETTERS].points == [(1, {"cluster": "unit", "shard": "1", "trigger": "audit"})]
+
+
+def test_a_flusher_that_fails_logs_once_and_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    from shardstate.cluster.metrics import Flusher
+
+    calls: list[int] = []
+
+    def flush() -> None:
+        calls.append(1)
+        raise RuntimeError("no metrics agent")
+
+    flusher = Flusher(flush, every=3600)
+    flusher.flush_now()
+    flusher.flush_now()
+    flusher.stop()
+    assert len(calls) == 2
+    assert capsys.readouterr().err.count("no metrics agent") == 1
