@@ -315,3 +315,18 @@ def test_a_third_member_catches_up_from_a_snapshot_and_the_tail(tmp_path: Path) 
     assert [value(c, f"k{i}") for i in range(5)] == [{"n": 17}] + [{"n": 16}] * 4
     for m in (a, b, c):
         m.storage.close()
+
+
+def test_the_primary_times_its_replication_rounds_for_the_metrics(pair: Any) -> None:
+    primary, backup, _channel = pair
+    primary.tally.drain()  # rounds before the backup joined (none timed: no backups then)
+    for i in range(5):
+        ((ok, _),) = primary.execute([put(f"k{i}", i)])
+        assert ok
+    figures = primary.info()["metrics"]
+    assert figures["replication_lag_us"] is not None
+    assert figures["replication_lag_us"] > 0
+    rounds = primary.tally.drain().rounds
+    assert len(rounds) == 5  # one round per write batch, each shipped and answered
+    assert all(us > 0 for _t, us in rounds)
+    assert backup.info()["metrics"]["replication_lag_us"] is None  # a backup runs no rounds
