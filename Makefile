@@ -30,6 +30,7 @@ bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/r
 	$(PY) -m bench.compare
 	$(PY) -m bench.recovery
 	$(PY) -m bench.failover
+	$(PY) -m bench.sse_latency
 
 chaos: $(VENV)/.installed  ## the chaos harness: SEEDS seeded fault schedules (default 20) on a 4-node local Ray
 	$(PY) -m bench.chaos --seeds $(or $(SEEDS),20) --faults $(or $(FAULTS),6)
