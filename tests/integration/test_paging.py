@@ -66,16 +66,9 @@ def test_bad_page_command_sent_straight_to_a_shard_changes_nothing(
     state: shardstate.StateClient, group: str
 ) -> None:
     """Attack the shard, not the client: malformed page/counts commands answer InvalidInput."""
-    import pickle
-
-    import ray
-
-    from shardstate.shards import commands as C
-
     state.set(group, "k", 1)
-    shard = state._link.current().shards[
-        state._link.current().owners[__import__("shardstate").cluster.slots.slot_of(group)]
-    ]
+    view = state._link.current()
+    shard = view.shards[view.owners[slot_of(group)]]
     bad = [
         C.command(C.PAGE, group, None, ("x", -5, None)),
         C.command(C.PAGE, group, None, [None, 10, ""]),
