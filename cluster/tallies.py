@@ -83,14 +83,28 @@ def command_of(kind: Any) -> str:
     return kind if isinstance(kind, str) and kind in KINDS else INVALID
 
 
-def count_kinds(batch: Sequence[Any]) -> Counter[Any]:
-    """How many commands of each kind ``batch`` holds (the kinds as sent; see :func:`command_of`)."""
+def count_kinds(batch: Sequence[Any], into: Counter[Any] | None = None) -> Counter[Any]:
+    """Add how many commands of each kind ``batch`` holds to ``into`` (a new Counter if None); the
+    kinds as sent (see :func:`command_of`), an entry without a hashable kind as ``"invalid"``."""
+    counts: Counter[Any] = Counter() if into is None else into
     try:
-        return Counter(map(_first, batch))  # counted in C: the common case
-    except Exception:  # an entry that is no tuple (the engine answers it InvalidInput)
-        return Counter(
-            c[0] if isinstance(c, tuple) and c and isinstance(c[0], str) else INVALID for c in batch
-        )
+        counts.update(map(_first, batch))  # counted in C: the common case
+    except Exception:  # an entry that is no command: the ones before it are counted already
+        start = next(i for i, cmd in enumerate(batch) if _kind_of(cmd) is _BAD)
+        counts.update(INVALID if (kind := _kind_of(cmd)) is _BAD else kind for cmd in batch[start:])
+    return counts
+
+
+_BAD: Any = object()
+
+
+def _kind_of(cmd: Any) -> Any:
+    try:
+        kind = cmd[0]
+        hash(kind)
+    except Exception:
+        return _BAD
+    return kind
 
 
 @dataclass
@@ -124,10 +138,9 @@ class ShardTally:
 
     def batch(self, batch: Sequence[Any], seconds: float) -> None:
         """A batch of ``batch``'s commands ran in ``seconds`` (execution and commit)."""
-        kinds = count_kinds(batch)
         sample = (self.clock(), seconds * 1000.0, len(batch))
         with self._lock:
-            self._ops.update(kinds)
+            count_kinds(batch, self._ops)
             if len(self._batches) < MAX_PENDING:
                 self._batches.append(sample)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -213,3 +214,27 @@ def test_a_flusher_that_fails_logs_once_and_goes_on(capsys: pytest.CaptureFixtur
     flusher.stop()
     assert len(calls) == 2
     assert capsys.readouterr().err.count("no metrics agent") == 1
+
+
+_entries = st.one_of(
+    st.sampled_from(["set", "get", "update", "delete"]).map(lambda k: command(k, "g", "k")),
+    st.just("text"),
+    st.just(()),
+    st.just({"kind": "set"}),
+    st.just((["unhashable"], "g", "k", None, None)),
+    st.integers(),
+)
+
+
+@given(st.lists(_entries, max_size=30))
+def test_count_kinds_counts_each_entry_once_whatever_the_batch_holds(batch: list[Any]) -> None:
+    def reference(entry: Any) -> str:
+        if isinstance(entry, tuple) and entry and isinstance(entry[0], str):
+            return entry[0]
+        return "t" if entry == "text" else "invalid"
+
+    counted = count_kinds(batch)
+    assert sum(counted.values()) == len(batch)
+    assert {tallies.command_of(k): n for k, n in counted.items() if tallies.command_of(k) != "invalid"} == {
+        k: n for k, n in Counter(map(reference, batch)).items() if k not in ("invalid", "t")
+    }
