@@ -132,6 +132,8 @@ class ShardTally:
         self._batches: list[tuple[float, float, int]] = []
         self._rounds: list[tuple[float, float]] = []
         self.dropped = 0
+        #: guards the windows (drained samples), apart from the batch path's lock
+        self._window_lock = threading.Lock()
         self._latency = Window()
         self._sizes = Window()
         self._replication = Window()
@@ -166,8 +168,11 @@ class ShardTally:
             batches, self._batches = self._batches, []
             rounds, self._rounds = self._rounds, []
             ops = _by_command(self._ops)
-            self._latency.extend((t, ms) for t, ms, _ in batches)
-            self._sizes.extend((t, float(n)) for t, _, n in batches)
+        latencies = [(t, ms) for t, ms, _ in batches]
+        sizes = [(t, float(n)) for t, _, n in batches]
+        with self._window_lock:
+            self._latency.extend(latencies)
+            self._sizes.extend(sizes)
             self._replication.extend(rounds)
         delta = {k: n - self._exported[k] for k, n in ops.items() if n > self._exported[k]}
         self._exported.update(delta)
@@ -177,17 +182,20 @@ class ShardTally:
         """What ``info()["metrics"]`` shows: ``{"ops", "latency_ms": {"p50", "p99"},
         "batch_size_mean", "replication_lag_us"}``, recent figures over :data:`WINDOW_SECONDS`."""
         since = self.clock() - self._latency.seconds
-        with self._lock:
-            ops = _by_command(self._ops)
-            batches, rounds = list(self._batches), list(self._rounds)
-            latencies = self._latency.samples() + [(t, ms) for t, ms, _ in batches]
-            sizes = self._sizes.samples() + [(t, float(n)) for t, _, n in batches]
-            rounds = self._replication.samples() + rounds
+        with self._window_lock:
+            latencies, sizes = self._latency.samples(), self._sizes.samples()
+            rounds = self._replication.samples()
+        with self._lock:  # copies only (the batch path waits for this lock)
+            ops = self._ops.copy()
+            batches = list(self._batches)
+            rounds += self._rounds
+        latencies += [(t, ms) for t, ms, _ in batches]
+        sizes += [(t, float(n)) for t, _, n in batches]
         latency = summary(recent(latencies, since))
         size = summary(recent(sizes, since), 1)
         replication = summary(recent(rounds, since), 1)
         return {
-            "ops": ops,
+            "ops": _by_command(ops),
             "latency_ms": {"p50": latency["p50"], "p99": latency["p99"]},
             "batch_size_mean": size["mean"],
             "batches": size["count"],

@@ -1018,8 +1018,9 @@ class ShardActor:
     def info(self) -> dict[str, Any]:
         """Where this shard runs and what it holds (for tests, the console and the CLI)."""
         node_id, node_ip = _node()
+        metrics = self.tally.summary()  # outside the engine lock: it sorts the recent samples
         with self._engine_lock:
-            return self._info(node_id, node_ip)
+            return {**self._info(node_id, node_ip), "metrics": metrics}
 
     def _info(self, node_id: str | None, node_ip: str | None) -> dict[str, Any]:
         store = self.engine.store
@@ -1062,7 +1063,6 @@ class ShardActor:
             "apply_us": round(1e6 * self.apply_seconds / self.applied, 1) if self.applied else None,
             "fenced_reason": self.fenced_reason,
             "replication": None if self._replicator is None else self._replicator.status(),
-            "metrics": self.tally.summary(),
         }
 
     def _record_metrics(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import ray
 
@@ -63,6 +64,20 @@ def test_shard_info_counts_ops_by_command_with_latency_and_batch_size(new_cluste
     assert busy["batch_size_mean"] >= 1
     assert busy["replication_lag_us"] is None  # no replicas on one node
     assert state.get("orders", "o1") == {"n": 6}
+
+    # the console's cluster view shows the same figures
+    console = state.start_console(port=0)
+    view = httpx.get(
+        console.url.rstrip("/") + "/api/v1/cluster",
+        headers={"Authorization": f"Bearer {console.token}"},
+        timeout=60,
+    ).json()
+    shown: Counter[str] = Counter()
+    for shard in view["shards"]:
+        shown.update(shard["metrics"]["ops"])
+        assert set(shard["metrics"]) >= {"ops", "latency_ms", "batch_size_mean", "replication_lag_us"}
+    assert shown["update"] - before["update"] == 5
+    assert shown["set"] - before["set"] == 50
 
 
 def test_subscriber_stats_show_event_lag_and_dead_letters(new_cluster: dict[str, str]) -> None:

@@ -238,3 +238,45 @@ def test_count_kinds_counts_each_entry_once_whatever_the_batch_holds(batch: list
     assert {tallies.command_of(k): n for k, n in counted.items() if tallies.command_of(k) != "invalid"} == {
         k: n for k, n in Counter(map(reference, batch)).items() if k not in ("invalid", "t")
     }
+
+
+def test_batches_drains_and_summaries_may_run_at_once() -> None:
+    import threading
+
+    tally = ShardTally()
+    drained_ops: Counter[str] = Counter()
+    drained_batches = 0
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def drain_and_summarize() -> None:
+        nonlocal drained_batches
+        try:
+            while not done.is_set():
+                drained = tally.drain()
+                drained_ops.update(drained.ops)
+                drained_batches += len(drained.batches)
+                tally.summary()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def run_batches() -> None:
+        for _ in range(3000):
+            tally.batch([command("set", "g", "k"), command("get", "g", "k")], 0.0001)
+
+    flusher = threading.Thread(target=drain_and_summarize)
+    flusher.start()
+    writers = [threading.Thread(target=run_batches) for _ in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    done.set()
+    flusher.join()
+    final = tally.drain()
+    drained_ops.update(final.ops)
+    drained_batches += len(final.batches)
+    assert errors == []
+    assert drained_ops == {"get": 9000, "set": 9000}  # every op handed over exactly once
+    assert drained_batches == 9000
+    assert tally.summary()["batches"] == 4096  # the window keeps the latest WINDOW_SAMPLES
