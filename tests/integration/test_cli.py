@@ -393,8 +393,14 @@ def _script() -> str:
     return found
 
 
-def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # auth settings (RAY_AUTH_*) pass on
+def _run(
+    *args: str, timeout: float = 120, ray_address: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    # Ray's token auth settings (RAY_AUTH_MODE, set by the session's ray.init) pass on; the token
+    # itself is in ~/.ray/auth_token
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     return subprocess.run([_script(), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -413,6 +419,9 @@ def test_the_installed_script_against_the_session_ray(state: shardstate.StateCli
         "value": {"from": "subprocess"},
         "version": version,
     }
+    by_env = _run("--cluster", state.cluster, "--json", "groups", ray_address=address)  # RAY_ADDRESS
+    assert by_env.returncode == 0, by_env.stderr
+    assert {"group": group, "count": 1} in json.loads(by_env.stdout)["groups"]
     missing = _run(*base, "get", group, "nope")
     assert missing.returncode == 1
     assert "NotFound" in missing.stderr
