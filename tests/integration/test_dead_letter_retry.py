@@ -114,3 +114,19 @@ def test_the_async_client_retries_too(state: shardstate.StateClient, group: str,
     assert asyncio.run(retry_all()) == [True, True]
     assert letters_of(state, failed) == []
     assert state.get(f"{group}-ctl", "runs") == {"a": 1, "b": 1}
+
+
+def test_a_trigger_registered_again_with_a_fixed_handler_retries_with_the_new_one(
+    state: shardstate.StateClient, group: str, failed: str
+) -> None:
+    ctl = f"{group}-ctl"
+    cluster = state.cluster
+
+    def fixed(event: shardstate.StateEvent) -> None:  # no flag needed any more
+        shardstate.connect(cluster=cluster).update(ctl, "fixed", [ops.increment(event.key)])
+
+    state.on_change(fixed, group_id=group, name=failed, timeout=30)  # same name: replaces the handler
+    letter = {d.event.key: d for d in letters_of(state, failed)}["a"]
+    assert state.retry_dead_letter(failed, letter.event.event_id) is True
+    assert state.get(ctl, "fixed") == {"a": 1}
+    assert state.get(ctl, "runs") is None  # the old handler did not run
