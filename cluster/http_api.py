@@ -416,7 +416,11 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
     async def cluster_view() -> Response:
         return _json(await _cluster_view(api))
 
-    @app.post("/api/v1/dead-letters/retry", summary="Run a dead letter's handler again")
+    @app.post(
+        "/api/v1/dead-letters/retry",
+        summary="Run a dead letter's handler again: {retried: true} (removed), or {retried: false, "
+        "error, attempts} (it failed again and stays); 404 if there is no such dead letter",
+    )
     async def retry_dead_letter(request: Request) -> Response:
         body = parse_json(await read_body(request, max_body))
         if (
@@ -425,13 +429,14 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
             or not isinstance(body.get("event_id"), str)
         ):
             raise InvalidInput('the body must be {"trigger": str, "event_id": str}')
-        retry = getattr(client, "retry_dead_letter", None)
-        if retry is None:
-            raise Unavailable("this version cannot retry dead letters")
-        retried = await retry(body["trigger"], body["event_id"])
-        if not retried:
-            raise NotFound(f"no dead letter {body['event_id']!r} of trigger {body['trigger']!r}")
-        return _json({"retried": True})
+        trigger, event_id = body["trigger"], body["event_id"]
+        if await client.retry_dead_letter(trigger, event_id):
+            return _json({"retried": True})
+        # False: no such dead letter, or the handler failed again (the letter stays, updated)
+        for letter in await client.list_dead_letters():
+            if letter.trigger == trigger and letter.event.event_id == event_id:
+                return _json({"retried": False, "error": letter.error, "attempts": letter.attempts})
+        raise NotFound(f"no dead letter {event_id!r} of trigger {trigger!r}")
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:

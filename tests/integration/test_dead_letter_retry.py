@@ -130,3 +130,27 @@ def test_a_trigger_registered_again_with_a_fixed_handler_retries_with_the_new_on
     assert state.retry_dead_letter(failed, letter.event.event_id) is True
     assert state.get(ctl, "fixed") == {"a": 1}
     assert state.get(ctl, "runs") is None  # the old handler did not run
+
+
+def test_retry_over_http_and_the_cluster_view(
+    state: shardstate.StateClient, group: str, failed: str, http: Any
+) -> None:
+    """``POST /api/v1/dead-letters/retry``: failed again → retried false (the letter stays, updated);
+    fixed → retried true and gone; unknown → 404. ``/api/v1/cluster`` lists the letters."""
+    view = http.get("/api/v1/cluster").json()
+    listed = {(d["trigger"], d["key"]) for d in view["dead_letters"]}
+    assert {(failed, "a"), (failed, "b")} <= listed
+    letter = next(d for d in view["dead_letters"] if d["trigger"] == failed and d["key"] == "a")
+    body = {"trigger": failed, "event_id": letter["event_id"]}
+    again = http.post("/api/v1/dead-letters/retry", json=body)
+    assert again.status_code == 200
+    assert again.json()["retried"] is False
+    assert again.json()["attempts"] > letter["attempts"]
+    state.set(f"{group}-ctl", "flag", True)
+    fixed = http.post("/api/v1/dead-letters/retry", json=body)
+    assert fixed.json() == {"retried": True}
+    assert state.get(f"{group}-ctl", "runs") == {"a": 1}
+    gone = http.post("/api/v1/dead-letters/retry", json=body)
+    assert gone.status_code == 404
+    assert gone.json()["error"]["type"] == "NotFound"
+    assert state.get(f"{group}-ctl", "runs") == {"a": 1}
