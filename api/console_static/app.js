@@ -98,6 +98,7 @@
     setTimeout(() => t.remove(), kind === 'error' ? 8000 : 4000);
   }
 
+  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
   const errText = (e) => (e instanceof ApiError ? `${e.type}: ${e.message}` : String(e));
 
   function debounce(fn, ms) {
@@ -135,7 +136,7 @@
     const entries = isArr ? v.map((x, i) => [i, x]) : Object.entries(v);
     const [open, close] = isArr ? ['[', ']'] : ['{', '}'];
     if (entries.length === 0) return el('span', { class: 'j-punct', text: open + close });
-    const label = isArr ? `${entries.length} items` : `${entries.length} keys`;
+    const label = plural(entries.length, isArr ? 'item' : 'key');
     const det = el('details', { open: depth < 2 && entries.length <= 100 });
     det.append(el('summary', {},
       el('span', { class: 'j-punct', text: open }),
@@ -282,7 +283,9 @@
 
   function updateSelectedCount() {
     if (S.selected === null) return;
-    $('group-count').textContent = String(S.groups.get(S.selected) ?? 0);
+    const n = S.groups.get(S.selected) ?? 0;
+    $('group-count').textContent = String(n);
+    $('count-word').textContent = n === 1 ? 'item' : 'items';
   }
 
   function onTreeClick(e) {
@@ -881,7 +884,7 @@
 
   function metricsCell(m) {
     if (!m || typeof m !== 'object' || !Object.keys(m).length) return '';
-    const det = el('details', {}, el('summary', { class: 'muted', text: `${Object.keys(m).length} figures` }));
+    const det = el('details', {}, el('summary', { class: 'muted', text: plural(Object.keys(m).length, 'figure') }));
     det.append(jsonNode(m, 1));
     return det;
   }
