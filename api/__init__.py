@@ -21,12 +21,23 @@ from shardstate._errors import (
     ConflictError,
     DecodeError,
     InvalidInput,
+    NotFound,
     StateError,
     Unavailable,
     UpdateError,
     ValueTooLarge,
 )
-from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
+from shardstate._models import (
+    ConsoleInfo,
+    DeadLetter,
+    Entry,
+    ItemPage,
+    SetResult,
+    StateEvent,
+    StateItem,
+    TriggerInfo,
+    VersionedItem,
+)
 from shardstate._pipeline import AsyncPipeline, Pipeline
 from shardstate._transfer import export, import_
 from shardstate._triggers import WaitTimeout
@@ -40,10 +51,13 @@ __all__ = [
     "AsyncStateClient",
     "ClusterMismatchWarning",
     "ConflictError",
+    "ConsoleInfo",
     "DeadLetter",
     "DecodeError",
     "Entry",
     "InvalidInput",
+    "ItemPage",
+    "NotFound",
     "Pipeline",
     "SetResult",
     "StateClient",
@@ -55,6 +69,7 @@ __all__ = [
     "UpdateError",
     "UpdateOp",
     "ValueTooLarge",
+    "VersionedItem",
     "WaitTimeout",
     "__version__",
     "connect",

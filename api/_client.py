@@ -18,7 +18,16 @@ from typing import Any, Literal, overload
 from shardstate import _core, _triggers
 from shardstate._coalesce import async_lanes, sync_lanes
 from shardstate._link import ClusterLink, ShardView
-from shardstate._models import DeadLetter, Entry, SetResult, StateEvent, StateItem, TriggerInfo
+from shardstate._models import (
+    ConsoleInfo,
+    DeadLetter,
+    Entry,
+    ItemPage,
+    SetResult,
+    StateEvent,
+    StateItem,
+    TriggerInfo,
+)
 from shardstate._pipeline import AsyncPipeline, Pipeline, first_error
 from shardstate._requests import (
     Page,
@@ -29,6 +38,7 @@ from shardstate._requests import (
     get_request,
     items_request,
     list_request,
+    page_request,
     set_request,
     update_request,
 )
@@ -251,6 +261,27 @@ class StateClient(_ClientBase):
         """Every non-empty group of the cluster, sorted (asks every shard)."""
         self._link.check_open()
         return _core.run_sync(self._link, _core.list_groups(self._link))  # type: ignore[no-any-return]
+
+    def group_counts(self) -> dict[str, int]:
+        """Every non-empty user group with its item count, sorted by group (the shards keep the
+        counts: no group is scanned)."""
+        self._link.check_open()
+        return _core.run_sync(self._link, _core.group_counts(self._link))  # type: ignore[no-any-return]
+
+    def page(
+        self, group_id: str, *, limit: int = 100, cursor: str | None = None, prefix: str | None = None
+    ) -> ItemPage:
+        """One page of ``group_id``'s items (key, value, version) in key order, whose keys start with
+        ``prefix``; pass ``next_cursor`` back as ``cursor`` for the next page. A scan's cursors stay
+        valid while others write: no key that exists for the whole scan is skipped or repeated."""
+        return self._run(page_request(group_id, limit=limit, cursor=cursor, prefix=prefix))  # type: ignore[no-any-return]
+
+    def start_console(self, host: str = "127.0.0.1", port: int = 8300) -> ConsoleInfo:
+        """Start the cluster's console (web console and HTTP API v1) if it is not running; return
+        its URL and bearer token (the running one's, if there is one). ``port=0`` picks a free port."""
+        from shardstate.cluster.console import start_console
+
+        return start_console(self.cluster, host, port)
 
     def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""
@@ -513,6 +544,23 @@ class AsyncStateClient(_ClientBase):
         """Every non-empty group of the cluster, sorted (asks every shard)."""
         self._link.check_open()
         return await _core.run_async(self._link, _core.list_groups(self._link))  # type: ignore[no-any-return]
+
+    async def group_counts(self) -> dict[str, int]:
+        """Every non-empty user group with its item count, sorted by group."""
+        self._link.check_open()
+        return await _core.run_async(self._link, _core.group_counts(self._link))  # type: ignore[no-any-return]
+
+    async def page(
+        self, group_id: str, *, limit: int = 100, cursor: str | None = None, prefix: str | None = None
+    ) -> ItemPage:
+        """One page of ``group_id``'s items in key order (see ``StateClient.page``)."""
+        return await self._run(page_request(group_id, limit=limit, cursor=cursor, prefix=prefix))  # type: ignore[no-any-return]
+
+    async def start_console(self, host: str = "127.0.0.1", port: int = 8300) -> ConsoleInfo:
+        """See ``StateClient.start_console``."""
+        from shardstate.cluster.console import start_console
+
+        return await asyncio.to_thread(start_console, self.cluster, host, port)
 
     async def shard_info(self) -> builtins.list[dict[str, Any]]:
         """Each shard's index, pid, node and size (for operators and tests)."""

@@ -33,7 +33,15 @@ from shardstate._errors import (
     StateError,
     Unavailable,
 )
-from shardstate._requests import GROUPS_COMMAND, Page, Request, decode_payload, merge_groups, next_page
+from shardstate._requests import (
+    COUNTS_COMMAND,
+    GROUPS_COMMAND,
+    Page,
+    Request,
+    decode_payload,
+    merge_groups,
+    next_page,
+)
 from shardstate._retry import Backoff
 from shardstate._transport import ShardGone
 from shardstate._wireformat import fits, pack, request_sizes, unpack
@@ -417,13 +425,25 @@ def _round(link: ClusterLink, reqs: Sequence[Request]) -> Proc:
 
 def list_groups(link: ClusterLink) -> Proc:
     """Every non-empty user group of the cluster, sorted (asks every shard at once)."""
+    per_shard = yield from _ask_every_shard(link, GROUPS_COMMAND)
+    return merge_groups([(True, payload) for payload in per_shard])
+
+
+def group_counts(link: ClusterLink) -> Proc:
+    """Every non-empty user group of the cluster with its item count, sorted by group."""
+    per_shard = yield from _ask_every_shard(link, COUNTS_COMMAND)
+    return dict(sorted(pair for payload in per_shard for pair in payload))
+
+
+def _ask_every_shard(link: ClusterLink, cmd: Any) -> Proc:
+    """The payload of one command sent to every shard at once, in shard order."""
     view: ShardView = yield CURRENT
-    packed = pack([GROUPS_COMMAND])
+    packed = pack([cmd])
     answers = yield SendMany([(s, packed) for s in range(len(view.shards))])
     per_shard = []
     for shard, answer in enumerate(answers):
-        per_shard.append((True, (yield from _ask(link, shard, packed, answer))))
-    return merge_groups(per_shard)
+        per_shard.append((yield from _ask(link, shard, packed, answer)))
+    return per_shard
 
 
 def _ask(link: ClusterLink, shard: int, packed: bytes, answer: Any = None) -> Proc:

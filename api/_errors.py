@@ -7,6 +7,8 @@ Every error a caller can see derives from :class:`StateError`::
     │   └── ValueTooLarge         a value (or an update's result) exceeds the cluster's max value size
     ├── UpdateError               an update's op could not apply; carries ``op_index`` and ``code``
     ├── ConflictError             compare-and-set saw another version than expected
+    │   └── ReadOnly              the HTTP API may not change a stored value that has no JSON form
+    ├── NotFound                  the HTTP API and the CLI: the key (or dead letter) does not exist
     ├── DecodeError               a value cannot be unpickled in *this* process (its class's module
     │                             is missing here); the call itself was executed
     └── Unavailable               the cluster cannot be reached, was shut down, or a shard did not
@@ -100,6 +102,18 @@ class ConflictError(StateError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ReadOnly(ConflictError):
+    """A write over the HTTP API found a stored value with no JSON form (a Python object): such a
+    value is shown, not changed, over HTTP; nothing was written. Change it from Python."""
+
+    def __init__(self, message: str = "", expected: int = 0, actual: int = 0) -> None:
+        ConflictError.__init__(self, message, expected, actual)
+
+
+class NotFound(StateError):
+    """What was asked for does not exist: the HTTP API's 404 and the CLI's exit code 1."""
 
 
 class DecodeError(StateError):

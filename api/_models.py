@@ -44,6 +44,39 @@ class StateItem(BaseModel):
     value: Any = None
 
 
+class VersionedItem(BaseModel):
+    """One entry of a page of a group: its ``key``, ``value`` and ``version`` (see :class:`ItemPage`)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    key: str
+    value: Any = None
+    version: int
+
+
+class ItemPage(BaseModel):
+    """A page of a group's items in key order (what ``page()`` returns).
+
+    ``next_cursor`` continues after this page (None: this was the last). Cursors stay valid while
+    others write: across the pages of one scan, every key that existed for the whole scan is
+    returned exactly once.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    items: list[VersionedItem]
+    next_cursor: str | None = None
+
+
+class ConsoleInfo(BaseModel):
+    """Where the cluster's console (web console and HTTP API v1) listens, and its bearer token."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    token: str
+
+
 class Entry(BaseModel):
     """A value with its metadata (what ``get_entry`` returns).
 

@@ -7,6 +7,7 @@ same way and decode the same way. Every builder validates its arguments *before*
 
 from __future__ import annotations
 
+import base64
 import itertools
 import math
 import os
@@ -15,10 +16,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from shardstate._errors import DecodeError, InvalidInput, StateError
-from shardstate._models import Entry, SetResult, StateItem
+from shardstate._models import Entry, ItemPage, SetResult, StateItem, VersionedItem
 from shardstate.ops import _Op
 from shardstate.shards import commands as C
-from shardstate.shards.engine import AUTO_OP_PREFIX, RETURNING
+from shardstate.shards.engine import AUTO_OP_PREFIX, MAX_PAGE_ITEMS, RETURNING
 from shardstate.shards.update_ops import parse_ops
 from shardstate.shards.validation import check_name, check_writable, decode_value, encode_value
 
@@ -274,6 +275,50 @@ def items_request(group_id: str, start: int | None = None) -> Request:
     )
 
 
+def encode_cursor(key: str) -> str:
+    """The opaque cursor that continues a page after ``key`` (URL-safe)."""
+    return base64.urlsafe_b64encode(key.encode("utf-8", "surrogatepass")).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The key a cursor continues after; InvalidInput if it is not one of ours."""
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 1024:
+        raise InvalidInput(f"not a cursor: {cursor!r}")
+    try:
+        key = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("utf-8", "surrogatepass")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput(f"not a cursor: {cursor!r}") from None
+    check_name(key, "cursor")
+    return key
+
+
+def page_request(
+    group_id: str,
+    *,
+    limit: int = 100,
+    cursor: str | None = None,
+    prefix: str | None = None,
+    decode: Callable[[bytes], Any] = decode_value,
+) -> Request:
+    """``page``: up to ``limit`` items of the group in key order, after ``cursor``, whose keys start
+    with ``prefix``; ``decode`` turns each stored value into what the page holds."""
+    check_name(group_id, "group_id")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_ITEMS:
+        raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE_ITEMS}, got {limit!r}")
+    if prefix is not None and (
+        not isinstance(prefix, str) or len(prefix.encode("utf-8", "surrogatepass")) > 512
+    ):
+        raise InvalidInput(f"prefix must be a str of at most 512 bytes, got {prefix!r}")
+    after = None if cursor is None else decode_cursor(cursor)
+
+    def page(payload: tuple[list[tuple[str, bytes, int]], str | None]) -> ItemPage:
+        rows, last = payload
+        items = [VersionedItem(key=k, value=decode(v), version=n) for k, v, n in rows]
+        return ItemPage(items=items, next_cursor=None if last is None else encode_cursor(last))
+
+    return Request(group_id, C.command(C.PAGE, group_id, None, (after, limit, prefix or "")), page)
+
+
 def clear_request(group_id: str) -> Request:
     """``clear``: how many items were removed."""
     check_name(group_id, "group_id")
@@ -310,6 +355,7 @@ def _decode_pair_part(payload: tuple[bytes | None, bytes | None]) -> SetResult:
 
 
 GROUPS_COMMAND: C.Command = C.command(C.GROUPS)
+COUNTS_COMMAND: C.Command = C.command(C.COUNTS)
 
 
 def merge_groups(per_shard: Sequence[C.Result]) -> list[str]:

@@ -303,10 +303,14 @@ class AsyncWatcher:
     """Follows shards' events for one async ``watch()`` with asyncio streams: a task per shard
     (frames, gap fills and reconnections in order), all feeding one bounded queue."""
 
-    def __init__(self, link: ClusterLink, group_id: str | None, poll: float) -> None:
+    def __init__(
+        self, link: ClusterLink, group_id: str | None, poll: float, marks: dict[int, int] | None = None
+    ) -> None:
         self.link = link
         self.group_id = group_id
         self.poll = poll
+        #: shard -> the seq to resume after (events already seen); other shards start from now
+        self.marks = marks or {}
         self.spec = FollowSpec(WATCHER, group_id).to_bytes()
         self.queue: asyncio.Queue[StateEvent] = asyncio.Queue(ASYNC_QUEUE)
         self.tasks: list[asyncio.Task[None]] = []
@@ -321,6 +325,7 @@ class AsyncWatcher:
         self.secret = link.secret
         for index in shards:
             follow, handle = ShardFollow(link.cluster, index, self.group_id), view.shards[index]
+            follow.mark = self.marks.get(index)
             stream = await self._open(follow, handle)
             if stream is None:
                 head = (await asyncio.wait_for(handle.event_state.remote(), link.timeout))[0]
@@ -403,11 +408,16 @@ class AsyncWatcher:
 
 
 async def follow_events_async(
-    link: ClusterLink, group_id: str | None, poll: float, timeout: float | None
+    link: ClusterLink,
+    group_id: str | None,
+    poll: float,
+    timeout: float | None,
+    marks: dict[int, int] | None = None,
 ) -> AsyncGenerator[StateEvent, None]:
     """:func:`follow_events` for asyncio (the shard of ``group_id``, or every shard): the starting
-    point is taken when iteration starts."""
-    watcher = AsyncWatcher(link, group_id, poll)
+    point is taken when iteration starts, except for the shards in ``marks`` (shard -> seq), which
+    resume after that seq (as far back as the shard still keeps its events)."""
+    watcher = AsyncWatcher(link, group_id, poll, marks)
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         await watcher.start()

@@ -110,6 +110,9 @@ def stop_cluster(cluster: str, *, timeout: float = 60.0) -> bool:
     router = find_router(cluster)
     if router is None:
         return False
+    from shardstate.cluster.console import stop_console
+
+    stop_console(cluster)
     try:
         ray.get(router.shutdown.remote(), timeout=timeout)
     finally:

@@ -120,6 +120,11 @@ def router_name(cluster: str) -> str:
     return f"{cluster}:router"
 
 
+def console_name(cluster: str) -> str:
+    """The Ray actor name of cluster ``cluster``'s console (HTTP API and web console)."""
+    return f"{cluster}:console"
+
+
 def resolve_replicas(replicas: int | None, alive_nodes: int) -> int:
     """The replica count a new cluster gets: the one asked for, else 0 on a one-node Ray and 1 with
     more nodes (a lost node then costs no data)."""

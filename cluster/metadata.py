@@ -14,6 +14,8 @@ Keys (namespace :data:`KV_NAMESPACE`): ``<cluster>/<name>``:
   event seqs above it; SQLite files carry it too, so an older copy of a file is refused)
 - ``<cluster>/triggers``: whether any trigger is registered
 - ``<cluster>/shard/<i>/hold``: test/operator switch: a shard holds its load while it is true
+- ``<cluster>/console_token``: the bearer token of the cluster's HTTP API and web console (made with
+  the first console; clients read it here or from ``start_console()``)
 - ``<cluster>/secret``: the cluster's secret (32 random bytes, raw, not JSON), made with the cluster:
   shards and clients prove it to each other when a connection opens (``shardstate.shards.wire``)
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import uuid
 from typing import Any
 
@@ -83,6 +86,19 @@ def secret(cluster: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != 32:
         raise RuntimeError(f"state cluster {cluster!r}: its secret in the GCS is unreadable")
     return value
+
+
+def console_token(cluster: str) -> str:
+    """The bearer token of the cluster's console, created (URL-safe, 256 random bits) by the first
+    caller; atomic in the GCS like :func:`secret`."""
+    key = _key(cluster, "console_token")
+    internal_kv._internal_kv_put(
+        key, secrets.token_urlsafe(32).encode(), overwrite=False, namespace=KV_NAMESPACE
+    )
+    value = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE)
+    if not isinstance(value, bytes) or len(value) < 32:
+        raise RuntimeError(f"state cluster {cluster!r}: its console token in the GCS is unreadable")
+    return value.decode()
 
 
 def cluster_record(cluster: str) -> dict[str, Any] | None:

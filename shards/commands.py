@@ -17,6 +17,9 @@ items  str       -         -                   list[(key, bytes)]
 clear  str       -         -                   int (items removed)
 update str       str       list of wire ops    (old bytes | None, new bytes)
 groups -         -         -                   sorted list[str] (this shard's groups)
+counts -         -         -                   sorted list[(group, item count)]
+page   str       -         (after, limit,      (list[(key, bytes, version)], next after | None):
+                           prefix)             keys in sorted order, after ``after`` (None: first)
 ====== ========= ========= =================== =========================================
 """
 
@@ -36,14 +39,16 @@ ITEMS = "items"
 CLEAR = "clear"
 UPDATE = "update"
 GROUPS = "groups"
+COUNTS = "counts"
+PAGE = "page"
 
 #: kinds that name a key as well as a group
 KEYED = frozenset({SET, GET, ENTRY, DELETE, UPDATE})
 #: kinds that name a group
-GROUPED = KEYED | {LIST, ITEMS, CLEAR}
+GROUPED = KEYED | {LIST, ITEMS, CLEAR, PAGE}
 #: kinds that may change state
 WRITES = frozenset({SET, DELETE, CLEAR, UPDATE})
-KINDS = GROUPED | {GROUPS}
+KINDS = GROUPED | {GROUPS, COUNTS}
 
 
 def command(

@@ -32,12 +32,20 @@ from typing import Any
 
 import cloudpickle
 
-from shardstate._errors import ConflictError, Deferred, InvalidInput, StaleShardMap, StateError, UpdateError
+from shardstate._errors import (
+    ConflictError,
+    Deferred,
+    InvalidInput,
+    ReadOnly,
+    StaleShardMap,
+    StateError,
+    UpdateError,
+)
 from shardstate.shards import commands as C
 from shardstate.shards.event_forms import VALUE_REF_MIN, delta_ops, ship_batch
 from shardstate.shards.records import Changes, Entry, Event, Loaded, OpRecord
 from shardstate.shards.store import GroupStore
-from shardstate.shards.update_ops import NOT_JSON, apply_ops
+from shardstate.shards.update_ops import NOT_JSON, apply_ops, has_json_form
 from shardstate.shards.validation import (
     DEFAULT_MAX_VALUE_SIZE,
     check_name,
@@ -66,6 +74,8 @@ DECODED_BYTES = 64 * 1024 * 1024
 RESPONSE_BUDGET = 64 * 1024 * 1024
 #: ``list``/``items`` of a larger group answer in pages of about this many bytes
 PAGE_BYTES = 16 * 1024 * 1024
+#: the most items one ``page`` command returns
+MAX_PAGE_ITEMS = 1000
 #: bytes counted per row of a page besides its value (key, tuple, pickling)
 ROW_OVERHEAD = 64
 #: lanes (a client's ordered stream of batches) remembered as fenced after a deferral
@@ -152,11 +162,14 @@ class ShardEngine:
             C.CLEAR: self._clear,
             C.UPDATE: self._update,
             C.GROUPS: self._groups,
+            C.COUNTS: self._counts,
+            C.PAGE: self._key_page,
         }
 
     # -- start-up -----------------------------------------------------------------------------
     def load(self, loaded: Loaded) -> None:
         """Start from stored state (entry rows in insertion order, remembered op_ids)."""
+        self.store.forget_order()
         groups, deadlines, make = self.store.groups, self._deadlines, tuple.__new__
         top = 0
         for group_id, key, data, version, updated_at, expires_at in loaded.entries:
@@ -442,7 +455,9 @@ class ShardEngine:
         if seen is not None:
             return self._replay(table, scoped, seen, fingerprint, kind, group_id, key, arg)
         payload = handler(group_id, key, arg, opts)
-        kept = (payload[0], _ARG) if kind == C.SET else payload  # a set's new value is its argument
+        kept = (
+            (payload[0], _ARG, *payload[2:]) if kind == C.SET else payload
+        )  # a set's new value: its argument
         size = _payload_size(kept)
         if auto and size > AUTO_RESULT_LIMIT and kind in (C.SET, C.UPDATE):
             kept, size = _FORGOTTEN, 0  # a repeat reports the current value instead
@@ -489,7 +504,7 @@ class ShardEngine:
             entry = self.store.get(group_id, key)
             return (None, None if entry is None else entry.data)
         if kind == C.SET:
-            return (kept[0], arg)  # the same call: its argument is the value it wrote
+            return (kept[0], arg, *kept[2:])  # the same call: its argument is the value it wrote
         return kept
 
     def _expire(self, now: float) -> int:
@@ -549,6 +564,24 @@ class ShardEngine:
         if actual != expected:
             raise ConflictError(f"expected version {expected}, found {actual}", expected, actual)
 
+    def _check_json_form(self, group_id: str, key: str, current: Entry | None, opts: dict[str, Any]) -> None:
+        """With ``json_only`` (the HTTP API's writes): refuse to change a stored value that has no
+        JSON form (:class:`ReadOnly`), since an HTTP client could not have seen it as it is."""
+        if current is None or opts.get("json_only") is not True:
+            return
+        cached = self._decoded.get((group_id, key))
+        if cached is not None and cached[0] is current.data:
+            value = cached[1]
+        else:
+            try:
+                value = pickle.loads(current.data)
+            except Exception:  # a class the shard cannot import: certainly no JSON form
+                value = _FORGOTTEN
+        if not has_json_form(value):
+            raise ReadOnly(
+                f"{group_id!r}/{key!r} holds a Python object with no JSON form: read-only over HTTP"
+            )
+
     def _expiry_time(self, current: Entry | None, opts: dict[str, Any], keep: bool) -> float | None:
         ttl = opts.get("ttl")
         if ttl is None:
@@ -586,8 +619,11 @@ class ShardEngine:
         check_size(data, self.max_value_size)
         current = self._live(group_id, key)
         self._check_version(current, opts)
+        self._check_json_form(group_id, key, current, opts)
         self._write(group_id, key, data, current, self._expiry_time(current, opts, keep=False))
         old = None if current is None or returning in ("new", "none") else current.data
+        if opts.get("version") is True:  # the write's version too (the HTTP API's ETag)
+            return (old, data if returning == "both" else None, self.seq)  # type: ignore[return-value]
         return (old, data if returning == "both" else None)  # the client has its own new value
 
     def _get(self, group_id: str, key: str, _arg: Any, _opts: dict[str, Any]) -> bytes | None:
@@ -603,6 +639,7 @@ class ShardEngine:
         self._check_version(current, opts)
         if current is None:
             return None
+        self._check_json_form(group_id, key, current, opts)
         self.store.delete(group_id, key)
         self._deadlines.pop((group_id, key), None)
         self._changes.delete(group_id, key)
@@ -654,12 +691,48 @@ class ShardEngine:
         system = opts.get("system") is True  # system groups only when asked
         return [g for g in self.store.group_ids() if (system or not is_reserved(g)) and self._visible(g)]
 
+    def _counts(self, _group: Any, _key: Any, _arg: Any, opts: dict[str, Any]) -> list[tuple[str, int]]:
+        system, store = opts.get("system") is True, self.store
+        return [(g, store.count(g)) for g in store.group_ids() if system or not is_reserved(g)]
+
+    def _key_page(
+        self, group_id: str, _key: Any, arg: Any, _opts: dict[str, Any]
+    ) -> tuple[list[tuple[str, bytes, int]], str | None]:
+        """A page of the group in key order: ``(rows, next)`` where ``next`` is the last key of a
+        page that may have more after it (else None). Stops early at about :data:`PAGE_BYTES`."""
+        if not isinstance(arg, tuple) or len(arg) != 3:
+            raise InvalidInput("page: the argument is (after, limit, prefix)")
+        after, limit, prefix = arg
+        if after is not None:
+            check_name(after, "cursor")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_PAGE_ITEMS:
+            raise InvalidInput(f"limit must be an int from 1 to {MAX_PAGE_ITEMS}, got {limit!r}")
+        if prefix is None:
+            prefix = ""
+        elif not isinstance(prefix, str) or len(prefix.encode("utf-8", "surrogatepass")) > 512:
+            raise InvalidInput("prefix must be a str of at most 512 bytes")
+        keys = self.store.keys_after(group_id, after, prefix, limit + 1)
+        rows: list[tuple[str, bytes, int]] = []
+        size, seen = 0, 0
+        for key in keys[:limit]:
+            seen += 1
+            entry = self._live(group_id, key)
+            if entry is None:
+                continue
+            rows.append((key, entry.data, entry.version))
+            size += len(entry.data) + len(key) + ROW_OVERHEAD
+            if size > PAGE_BYTES:
+                break
+        more = len(keys) > seen
+        return rows, (keys[seen - 1] if more else None)
+
     def _update(
         self, group_id: str, key: str, ops: Any, opts: dict[str, Any]
     ) -> tuple[bytes | None, bytes | None]:
         returning = _returning(opts)
         current = self._live(group_id, key)
         self._check_version(current, opts)
+        self._check_json_form(group_id, key, current, opts)
         value: Any = None
         if current is not None:
             cached = self._decoded.get((group_id, key))
@@ -676,6 +749,8 @@ class ShardEngine:
         self._decoded_bytes += len(new)
         self._write(group_id, key, new, current, self._expiry_time(current, opts, keep=True), ops)
         old = None if current is None or returning in ("new", "none") else current.data
+        if opts.get("version") is True:  # the write's version too (the HTTP API's ETag)
+            return (old, new if returning in ("both", "new") else None, self.seq)  # type: ignore[return-value]
         return (old, new if returning in ("both", "new") else None)
 
 

@@ -81,6 +81,22 @@ def is_json_like(value: Any, _depth: int = 0) -> bool:
     return False
 
 
+def has_json_form(value: Any, _depth: int = 0) -> bool:
+    """True if ``value`` is JSON-like (:func:`is_json_like`) with only finite floats: what JSON
+    can carry as it is (the HTTP API shows anything else as a Python object, read-only)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if _depth > 200:
+        return False
+    if isinstance(value, list):
+        return all(has_json_form(v, _depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and has_json_form(v, _depth + 1) for k, v in value.items())
+    return False
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
