@@ -311,6 +311,8 @@ class AsyncWatcher:
         self.poll = poll
         #: shard -> the seq to resume after (events already seen); other shards start from now
         self.marks = marks or {}
+        #: shard -> where the watcher started following it (set by :meth:`start`)
+        self.starts: dict[int, int] = {}
         self.spec = FollowSpec(WATCHER, group_id).to_bytes()
         self.queue: asyncio.Queue[StateEvent] = asyncio.Queue(ASYNC_QUEUE)
         self.tasks: list[asyncio.Task[None]] = []
@@ -330,6 +332,8 @@ class AsyncWatcher:
             if stream is None:
                 head = (await asyncio.wait_for(handle.event_state.remote(), link.timeout))[0]
                 follow.start(head)
+            if follow.mark is not None:
+                self.starts[index] = follow.mark
             self.tasks.append(asyncio.get_running_loop().create_task(self._run(follow, handle, stream)))
 
     async def _open(self, follow: ShardFollow, handle: Any) -> _Stream | None:

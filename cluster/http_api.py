@@ -44,10 +44,9 @@ from shardstate._errors import (
     UpdateError,
     ValueTooLarge,
 )
-from shardstate._models import StateEvent
 from shardstate._requests import Request as ShardRequest
 from shardstate._requests import delete_request, set_request, update_request
-from shardstate._watch import follow_events_async
+from shardstate._watch import AsyncWatcher
 from shardstate.cluster.http_values import (
     dumps,
     etag,
@@ -505,32 +504,21 @@ async def _resume_marks(api: Api, last: str | None, group: str | None) -> dict[i
 async def _sse(
     api: Api, request: Request, group: str | None, key: str | None, marks: dict[int, int] | None
 ) -> AsyncIterator[bytes]:
-    """The event stream: ``retry``, then one ``id``/``event``/``data`` block per matching event."""
-    link = api.client._link
-    position: dict[int, int] = dict(marks or {})
-    events = follow_events_async(link, group, 0.05, None, marks)
-    queue: asyncio.Queue[StateEvent | None] = asyncio.Queue(1000)
-
-    async def pump() -> None:
-        try:
-            async for event in events:
-                await queue.put(event)
-        finally:
-            await queue.put(None)
-
-    task = asyncio.get_running_loop().create_task(pump())
+    """The event stream: the starting point is taken before the first line (``retry`` and a
+    comment) is sent, then one ``id``/``event``/``data`` block per matching event."""
+    watcher = AsyncWatcher(api.client._link, group, 0.05, marks)
     try:
+        await watcher.start()
+        position = dict(watcher.starts)  # a resume point names every followed shard
         yield b"retry: 1000\n: connected\n\n"
         while True:
             try:
-                event = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE)
+                event = await asyncio.wait_for(watcher.queue.get(), SSE_KEEPALIVE)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     return
                 yield b": keep-alive\n\n"
                 continue
-            if event is None:
-                return
             position[event.shard] = event.seq
             if key is not None and event.key != key:
                 continue
@@ -540,9 +528,7 @@ async def _sse(
             data["new_value"] = json_form(data["new_value"])
             yield b"id: %s\nevent: state\ndata: %s\n\n" % (event.event_id.encode(), dumps(data))
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await events.aclose()
+        await watcher.close()
 
 
 async def _cluster_view(api: Api) -> dict[str, Any]:
