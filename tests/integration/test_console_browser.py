@@ -55,13 +55,6 @@ def _need_browser() -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def console(state: shardstate.StateClient) -> shardstate.ConsoleInfo:
-    """The session cluster's console on a free port."""
-    _need_browser()
-    return state.start_console(port=0)
-
-
 class Page:
     """One browser tab on the console, with waits and screenshots."""
 
@@ -124,6 +117,10 @@ class Page:
         self.click(self.item_row(key))
         self.until(lambda d: self.text('[data-testid="panel-key"]') == key, f"{key} in the side panel")
 
+    def keys(self) -> list[str]:
+        """The keys of the item rows shown, top to bottom."""
+        return [r.get_attribute("data-key") or "" for r in self.all('[data-testid="item-row"]')]
+
     def preview(self, key: str) -> str:
         return self.text(f'{self.item_row(key)} [data-testid="item-preview"]')
 
@@ -144,7 +141,8 @@ def _enabled(element: WebElement | None) -> WebElement | None:
 
 @pytest.fixture
 def page(console: shardstate.ConsoleInfo, tmp_path: Path) -> Iterator[Page]:
-    """A fresh headless Chromium (own profile in tmp_path) signed in to the console."""
+    """A fresh headless Chromium (own profile in tmp_path) signed in to the session's console."""
+    _need_browser()
     os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never look for drivers online
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -157,7 +155,7 @@ def page(console: shardstate.ConsoleInfo, tmp_path: Path) -> Iterator[Page]:
     p = Page(driver, shots)
     try:
         driver.get(f"{console.url.rstrip('/')}/?token={console.token}")
-        p.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "console ready")
+        p.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1", "ready")
         p.until(lambda d: "live" in p.text('[data-testid="live"]'), "live event stream")
         yield p
     finally:
@@ -183,7 +181,7 @@ def test_sees_group_and_count_opens_it_and_edits_a_value(state: shardstate.State
 
     page.open_group(group)
     page.until(lambda d: len(page.all('[data-testid="item-row"]')) == 3, "three rows")
-    assert [r.get_attribute("data-key") for r in page.all('[data-testid="item-row"]')] == ["k0", "k1", "k2"]
+    assert page.keys() == ["k0", "k1", "k2"]
     assert page.preview("k1") == '{"n":1}'
     page.shot("group-open")
 
@@ -215,7 +213,7 @@ def test_python_writes_appear_change_and_vanish_live(state: shardstate.StateClie
     state.set(group, "a", {"new": True})  # a new row, in key order
     page.one(page.item_row("a"))
     page.wait_count(group, 2)
-    assert [r.get_attribute("data-key") for r in page.all('[data-testid="item-row"]')] == ["a", "b"]
+    assert page.keys() == ["a", "b"]
     page.shot("row-appeared")
 
     page.open_item("b")
@@ -293,7 +291,7 @@ def test_conflict_when_the_value_changed_underneath(state: shardstate.StateClien
 
     page.click('[data-testid="conflict-reload"]')  # take the stored value
     page.gone('[data-testid="conflict"]')
-    page.until(lambda d: "from python" in page.text('[data-testid="viewer"]'), "viewer shows the stored value")
+    page.until(lambda d: "from python" in page.text('[data-testid="viewer"]'), "the stored value shown")
 
     page.click('[data-testid="edit"]')  # and a second conflict, this time overwritten on purpose
     page.type_into('[data-testid="editor"]', '{"v": "mine"}')
@@ -347,7 +345,7 @@ def test_add_item_and_read_only_python_value(state: shardstate.StateClient, page
     page.until(lambda d: "already exists" in page.text('[data-testid="add-status"]'), "exists message")
     assert state.get(group, "plain") == "text"
     page.type_into('[data-testid="add-value"]', '{"x": ')
-    page.until(lambda d: not page.one('[data-testid="add-create"]').is_enabled(), "create disabled while invalid")
+    page.until(lambda d: not page.one('[data-testid="add-create"]').is_enabled(), "create disabled")
     page.one('[data-testid="add-value"]').send_keys("1}")
 
     page.type_into('[data-testid="add-key"]', "fresh")
@@ -379,16 +377,18 @@ def test_tree_paging_prefix_and_cluster_panel(state: shardstate.StateClient, pag
     page.open_group(f"{ns}:job-1")
     page.wait_count(f"{ns}:job-1", 121)
     page.until(lambda d: len(page.all('[data-testid="item-row"]')) == 50, "first page")
-    first = [r.get_attribute("data-key") for r in page.all('[data-testid="item-row"]')]
+    first = page.keys()
+    assert first == sorted(first)
     page.click('[data-testid="next-page"]')
-    page.until(lambda d: page.all('[data-testid="item-row"]')[0].get_attribute("data-key") != first[0], "page 2")
-    second = [r.get_attribute("data-key") for r in page.all('[data-testid="item-row"]')]
-    assert not set(first) & set(second) and first[-1] < second[0]
+    page.until(lambda d: page.keys()[:1] != first[:1], "page 2")
+    second = page.keys()
+    assert len(second) == 50
+    assert first[-1] < second[0]  # the next keys in order, none repeated
     page.click('[data-testid="prev-page"]')
-    page.until(lambda d: [r.get_attribute("data-key") for r in page.all('[data-testid="item-row"]')] == first, "back")
+    page.until(lambda d: page.keys() == first, "back on page 1")
     page.type_into('[data-testid="prefix"]', "item-11")
-    page.until(lambda d: len(page.all('[data-testid="item-row"]')) == 10, "prefix search")
-    assert all(r.get_attribute("data-key").startswith("item-11") for r in page.all('[data-testid="item-row"]'))
+    page.until(lambda d: len(page.keys()) == 10, "prefix search")
+    assert all(k.startswith("item-11") for k in page.keys())
     page.shot("paged")
 
     page.click('[data-testid="tab-cluster"]')
