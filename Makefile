@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench chaos clean
+.PHONY: demo test test-deps lint bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed  ## the fan-in workflow on a local embedded Ray (TASKS=1000)
 	$(PY) examples/fan_in.py --tasks $(or $(TASKS),1000)
 
-test: $(VENV)/.installed  ## lint + types + the whole test suite
+# The browser test's headless Chromium + chromedriver and the JS example's node (Debian packages),
+# installed only where chromedriver is missing and apt-get exists (CI and a fresh machine run as root).
+test-deps:
+	@if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nodejs; \
+	fi
+
+test: $(VENV)/.installed test-deps  ## lint + types + the whole test suite
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy --ignore-missing-imports api shards cluster
 	$(PY) -m pytest
