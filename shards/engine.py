@@ -689,7 +689,8 @@ class ShardEngine:
 
     def _groups(self, _group: Any, _key: Any, _arg: Any, opts: dict[str, Any]) -> list[str]:
         system = opts.get("system") is True  # system groups only when asked
-        return [g for g in self.store.group_ids() if (system or not is_reserved(g)) and self._visible(g)]
+        # expired entries were removed when the batch began, so every stored group is non-empty
+        return [g for g in self.store.group_ids() if system or not is_reserved(g)]
 
     def _counts(self, _group: Any, _key: Any, _arg: Any, opts: dict[str, Any]) -> list[tuple[str, int]]:
         system, store = opts.get("system") is True, self.store
