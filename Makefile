@@ -29,7 +29,7 @@ test: $(VENV)/.installed test-deps  ## lint + types + the whole test suite
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/results/
+bench: $(VENV)/.installed test-deps  ## every benchmark: tables on stdout, JSON in bench/results/
 	$(PY) -m bench.latency
 	$(PY) -m bench.hotkey
 	$(PY) -m bench.durability
@@ -37,6 +37,7 @@ bench: $(VENV)/.installed  ## every benchmark: tables on stdout, JSON in bench/r
 	$(PY) -m bench.compare
 	$(PY) -m bench.recovery
 	$(PY) -m bench.failover
+	$(PY) -m bench.console_load
 
 chaos: $(VENV)/.installed  ## the chaos harness: SEEDS seeded fault schedules (default 20) on a 4-node local Ray
 	$(PY) -m bench.chaos --seeds $(or $(SEEDS),20) --faults $(or $(FAULTS),6)
