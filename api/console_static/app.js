@@ -1019,24 +1019,29 @@
     $('events-filter').addEventListener('input', debounce((e) => { S.ev.filter = e.target.value.trim(); renderEvents(); }, 120));
     for (const b of document.querySelectorAll('.tab')) b.addEventListener('click', () => showTab(b.dataset.tab));
     document.addEventListener('visibilitychange', clusterPolling);
+    window.addEventListener('hashchange', followLocation);  // a link or an edited address bar
+  }
+
+  /** Show what the location names: ``#g=<group>&k=<key>&tab=<events|cluster>``. */
+  function followLocation() {
+    const h = new URLSearchParams(location.hash.slice(1));
+    const g = h.get('g');
+    if (g !== null && g !== S.selected) selectGroup(g);
+    if (g !== null && h.get('k') !== null && (!S.current || S.current.key !== h.get('k'))) openItem(h.get('k'));
+    showTab(['events', 'cluster'].includes(h.get('tab')) ? h.get('tab') : 'data');
   }
 
   async function start() {
     wire();
-    const h = new URLSearchParams(location.hash.slice(1));
     connectEvents();
     const groups = loadGroups();
-    if (h.get('g') !== null) {  // a group named in the location loads its first page meanwhile
-      selectGroup(h.get('g'));
-      if (h.get('k') !== null) openItem(h.get('k'));
-    }
+    followLocation();  // a group named in the location loads its first page meanwhile
     await groups;
     setInterval(loadGroups, RECONCILE_MS);
     api('GET', '/cluster').then(({ data }) => {
       $('cluster-name').textContent = data.cluster ? `cluster ${data.cluster}` : '';
     }).catch(() => {});
     updateEventsInfo();
-    showTab(['events', 'cluster'].includes(h.get('tab')) ? h.get('tab') : 'data');
     document.body.dataset.ready = '1';
   }
 
