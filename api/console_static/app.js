@@ -19,11 +19,15 @@
     groups: new Map(),        // group -> count
     treeFilter: '',
     collapsed: new Set(),     // tree paths the user collapsed
-    countEls: new Map(),      // group -> [count elements] (in-place updates)
+    countEls: new Map(),      // group -> its count element (in-place updates)
     nsEls: new Map(),         // namespace path -> count element (sum of its groups)
+    nsSums: new Map(),        // namespace path -> items under it
+    dirty: new Set(),         // groups whose count moved since the last paint
+    incoming: [],             // event records not yet in the events panel (oldest first)
     selected: null,           // selected group
-    page: { cursors: [null], index: 0, next: null, limit: 50, prefix: '', seq: 0 },
+    page: { cursors: [null], index: 0, next: null, limit: 50, prefix: '', seq: 0, replay: null, refresh: null },
     rows: new Map(),          // key -> {item, tr} for the visible page
+    sortedKeys: [],           // the visible page's keys, sorted
     current: null,            // {key, value, version, gone} shown in the side panel
     editing: false,
     editBase: null,           // version the open edit started from
@@ -192,10 +196,27 @@
     return root;
   }
 
-  function groupsUnder(path) {
-    let sum = 0;
-    for (const [g, n] of S.groups) if (g === path || g.startsWith(`${path}:`)) sum += n;
-    return sum;
+  /** Items per namespace path (every proper prefix of a `:`-separated group name), one pass. */
+  function namespaceSums() {
+    const sums = new Map();
+    for (const [g, n] of S.groups) {
+      let at = g.indexOf(':');
+      while (at !== -1) {
+        const path = g.slice(0, at);
+        sums.set(path, (sums.get(path) ?? 0) + n);
+        at = g.indexOf(':', at + 1);
+      }
+      sums.set(g, (sums.get(g) ?? 0) + n);
+    }
+    return sums;
+  }
+
+  function summaryText(shown) {
+    let total = 0;
+    for (const n of S.groups.values()) total += n;
+    return shown === null
+      ? `${S.groups.size} groups \u00b7 ${total} items`
+      : `${shown} of ${S.groups.size} groups`;
   }
 
   let treeScheduled = false;
@@ -210,12 +231,11 @@
     const names = [...S.groups.keys()].filter((g) => !filter || g.toLowerCase().includes(filter)).sort();
     const root = buildTree(names);
     S.countEls = new Map(); S.nsEls = new Map();
+    S.nsSums = namespaceSums();
+    S.dirty.clear();
     const ul = $('group-tree');
     ul.replaceChildren(...renderChildren(root, filter !== ''));
-    const total = [...S.groups.values()].reduce((a, b) => a + b, 0);
-    $('group-summary').textContent = filter
-      ? `${names.length} of ${S.groups.size} groups`
-      : `${S.groups.size} groups \u00b7 ${total} items`;
+    $('group-summary').textContent = summaryText(filter ? names.length : null);
   }
 
   function renderChildren(node, expandAll) {
@@ -247,7 +267,7 @@
       S.countEls.set(node.path, c);
     }
     if (hasKids) {
-      const agg = el('span', { class: 'count agg', title: 'items in this namespace', text: String(groupsUnder(node.path)) });
+      const agg = el('span', { class: 'count agg', title: 'items in this namespace', text: String(S.nsSums.get(node.path) ?? 0) });
       row.append(agg);
       S.nsEls.set(node.path, agg);
     }
@@ -261,17 +281,19 @@
     return li;
   }
 
-  function updateCountEls(group) {
-    const c = S.countEls.get(group);
-    if (c) { c.textContent = String(S.groups.get(group) ?? 0); flash(c); }
-    const parts = group.split(':');
-    for (let i = 1; i <= parts.length; i++) {
-      const path = parts.slice(0, i).join(':');
-      const a = S.nsEls.get(path);
-      if (a) a.textContent = String(groupsUnder(path));
+  /** Counts that events moved, painted once per frame (namespace sums in one pass). */
+  function paintCounts() {
+    if (S.dirty.size === 0) return;
+    for (const group of S.dirty) {
+      const c = S.countEls.get(group);
+      if (c) { c.textContent = String(S.groups.get(group) ?? 0); flash(c); }
     }
-    const total = [...S.groups.values()].reduce((x, y) => x + y, 0);
-    if (!S.treeFilter) $('group-summary').textContent = `${S.groups.size} groups \u00b7 ${total} items`;
+    S.dirty.clear();
+    if (S.nsEls.size) {
+      S.nsSums = namespaceSums();
+      for (const [path, a] of S.nsEls) a.textContent = String(S.nsSums.get(path) ?? 0);
+    }
+    if (!S.treeFilter) $('group-summary').textContent = summaryText(null);
   }
 
   /** A live event moved a group's count by delta (+1 created, -1 deleted). */
@@ -282,7 +304,7 @@
     } else {
       const n = Math.max(0, prev + delta);
       if (n === 0 && group !== S.selected) { S.groups.delete(group); scheduleTree(); }
-      else { S.groups.set(group, n); updateCountEls(group); }
+      else { S.groups.set(group, n); S.dirty.add(group); scheduleFlush(); }
     }
     if (group === S.selected) updateSelectedCount();
   }
@@ -314,7 +336,11 @@
   function selectGroup(group) {
     S.selected = group;
     if (!S.groups.has(group)) S.groups.set(group, 0);
-    S.page = { cursors: [null], index: 0, next: null, limit: Number($('page-size').value), prefix: '', seq: S.page.seq + 1 };
+    clearTimeout(S.page.refresh);
+    S.page = {
+      cursors: [null], index: 0, next: null, limit: Number($('page-size').value), prefix: '',
+      seq: S.page.seq + 1, replay: null, refresh: null,
+    };
     $('prefix').value = '';
     closePanel();
     document.querySelectorAll('.tree-row.selected').forEach((r) => r.classList.remove('selected'));
@@ -337,19 +363,30 @@
     const cursor = p.cursors[p.index];
     if (cursor) q.set('cursor', cursor);
     if (p.prefix) q.set('prefix', p.prefix);
+    p.replay = [];  // events of this group that arrive while the page is on its way
     try {
       const { data } = await api('GET', `/groups/${enc(g)}/items?${q}`);
       if (seq !== S.page.seq || g !== S.selected) return; // a newer request superseded this one
       p.next = data.next_cursor ?? null;
       renderItems(data.items);
+      const replay = p.replay;
+      p.replay = null;
+      for (const [kind, ev] of replay) applyToRows(kind, ev, false);  // the page may predate them
       mark('shardstate:items-shown');
     } catch (e) {
-      if (seq === S.page.seq) toast(`items: ${errText(e)}`, 'error');
+      if (seq === S.page.seq) { p.replay = null; toast(`items: ${errText(e)}`, 'error'); }
     }
+  }
+
+  /** Re-read the page shown, at most once a second (it overflowed or lost rows to live events). */
+  function refreshPageSoon() {
+    if (S.page.refresh) return;
+    S.page.refresh = setTimeout(() => { S.page.refresh = null; loadPage(); }, 1000);
   }
 
   function renderItems(items) {
     S.rows = new Map();
+    S.sortedKeys = items.map((it) => it.key).sort();
     const body = $('items-body');
     body.replaceChildren(...items.map((it) => {
       const tr = itemRow(it);
@@ -378,18 +415,27 @@
   function updatePager() {
     const p = S.page;
     $('prev-page').disabled = p.index === 0;
-    $('next-page').disabled = !p.next;
+    $('next-page').disabled = !p.next && !p.refresh;  // a page that overflowed has more after it
     $('page-label').textContent = `page ${p.index + 1}${p.prefix ? ` \u00b7 prefix \u201c${p.prefix}\u201d` : ''}`;
     $('items-empty').hidden = S.rows.size > 0;
   }
 
-  function visibleKeys() { return [...S.rows.keys()].sort(); }
+  /** Where ``key`` goes in the page's sorted keys (binary search). */
+  function keyIndex(key) {
+    const keys = S.sortedKeys;
+    let lo = 0; let hi = keys.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (keys[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  }
 
   /** Whether a new key belongs on the page shown (the pages are in key order). */
   function pageTakes(key) {
     const p = S.page;
     if (p.prefix && !key.startsWith(p.prefix)) return false;
-    const keys = visibleKeys();
+    const keys = S.sortedKeys;
     if (keys.length === 0) return p.index === 0;
     const afterStart = p.index === 0 || key >= keys[0];
     const beforeEnd = !p.next || key <= keys[keys.length - 1];
@@ -408,20 +454,30 @@
     }
     if (!pageTakes(it.key)) return false;
     const tr = itemRow(it);
-    const after = visibleKeys().find((k) => k > it.key);
+    const at = keyIndex(it.key);
+    const after = S.sortedKeys[at];
     const body = $('items-body');
     if (after === undefined) body.append(tr); else body.insertBefore(tr, S.rows.get(after).tr);
+    S.sortedKeys.splice(at, 0, it.key);
     S.rows.set(it.key, { item: it, tr });
     if (highlight) flash(tr);
+    if (S.sortedKeys.length > S.page.limit) {  // a full page: the last row moves to the next page
+      removeRow(S.sortedKeys[S.sortedKeys.length - 1]);
+      refreshPageSoon();  // for the cursor of the page after it
+    }
     updatePager();
-    return true;
+    return S.rows.has(it.key);
   }
 
-  function removeRow(key) {
+  /** Take a key off the page (``version``: the deletion's; an older one than the row's is stale). */
+  function removeRow(key, version) {
     const have = S.rows.get(key);
     if (!have) return;
+    if (version !== undefined && version !== null && have.item.version > version) return;
     have.tr.remove();
     S.rows.delete(key);
+    const at = keyIndex(key);
+    if (S.sortedKeys[at] === key) S.sortedKeys.splice(at, 1);
     updatePager();
   }
 
@@ -716,7 +772,10 @@
     };
     es.onerror = () => {
       live.textContent = 'reconnecting\u2026'; live.className = 'live off';
-      if (es.readyState === EventSource.CLOSED) setTimeout(connectEvents, 3000);
+      if (es.readyState === EventSource.CLOSED) {  // refused (not a dropped line): a 401 asks for the token
+        loadGroups();
+        setTimeout(connectEvents, 3000);
+      }
     };
     const handler = (m) => {
       let ev;
@@ -736,15 +795,40 @@
     else if (kind === 'deleted') moveCount(group, -1);
     else if (!S.groups.has(group)) { S.groups.set(group, 1); scheduleTree(); reconcileSoon(); }
     if (group === S.selected) applyToItems(kind, ev);
-    recordEvent({ id, at: new Date(), kind, group, key: ev.key, version: ev.version, value: ev.new_value, old: ev.old_value });
+    S.incoming.push({ id, at: new Date(), kind, group, key: ev.key, version: ev.version, value: ev.new_value });
+    if (S.incoming.length > MAX_EVENTS) S.incoming.splice(0, S.incoming.length - MAX_EVENTS);
+    scheduleFlush();
+  }
+
+  // Events arrive one by one; the DOM work they cause (counts, events panel) is done once per frame.
+  let flushScheduled = false;
+  function scheduleFlush() {
+    if (flushScheduled) return;
+    flushScheduled = true;
+    requestAnimationFrame(() => {
+      flushScheduled = false;
+      paintCounts();
+      if (S.incoming.length) { const recs = S.incoming.reverse(); S.incoming = []; recordEvents(recs); }
+    });
   }
 
   const reconcileSoon = debounce(loadGroups, 2000);
 
+  /** A live event of the selected group on its rows (also replayed over a page that predates it). */
+  function applyToRows(kind, ev, highlight) {
+    if (kind === 'deleted') {
+      const shown = S.rows.has(ev.key);
+      removeRow(ev.key, ev.version);
+      if (shown && S.page.next) refreshPageSoon();  // pull the next key up into the page
+    } else {
+      upsertRow({ key: ev.key, value: ev.new_value, version: ev.version }, highlight);
+    }
+  }
+
   function applyToItems(kind, ev) {
     const key = ev.key;
-    if (kind === 'deleted') removeRow(key);
-    else upsertRow({ key, value: ev.new_value, version: ev.version }, true);
+    if (S.page.replay) S.page.replay.push([kind, ev]);
+    applyToRows(kind, ev, true);
     const cur = S.current;
     if (!cur || cur.key !== key) return;
     if (ev.version !== undefined && ev.version !== null && ev.version <= cur.version && kind !== 'deleted') return;
@@ -764,15 +848,15 @@
 
   // ---------------------------------------------------------------- events panel
 
-  function recordEvent(rec) {
+  function recordEvents(recs) {  // newest first
     const E = S.ev;
     if (E.paused) {
-      E.pending.unshift(rec);
+      E.pending = recs.concat(E.pending);
       if (E.pending.length > MAX_EVENTS) E.pending.length = MAX_EVENTS;
       updateEventsInfo();
       return;
     }
-    pushEvents([rec]);
+    pushEvents(recs);
   }
 
   function pushEvents(recs) {   // recs newest first
@@ -780,7 +864,7 @@
     E.list = recs.concat(E.list);
     if (E.list.length > MAX_EVENTS) E.list.length = MAX_EVENTS;
     const body = $('events-body');
-    const rows = recs.filter(eventMatches).map(eventRow);
+    const rows = recs.slice(0, MAX_EVENTS).filter(eventMatches).map(eventRow);
     body.prepend(...rows);
     while (body.children.length > MAX_EVENTS) body.lastElementChild.remove();
     if (S.tab !== 'events') {
@@ -964,9 +1048,14 @@
       S.page = { ...S.page, cursors: [null], index: 0, next: null, limit: Number(e.target.value) };
       loadPage();
     });
-    $('next-page').addEventListener('click', () => {
+    $('next-page').addEventListener('click', async () => {
       const p = S.page;
-      if (!p.next) return;
+      if (p.refresh) {  // live inserts pushed rows off this page: its next cursor is out of date
+        clearTimeout(p.refresh);
+        p.refresh = null;
+        await loadPage();
+      }
+      if (!p.next || p !== S.page) return;
       p.cursors = p.cursors.slice(0, p.index + 1).concat([p.next]);
       p.index += 1;
       loadPage();

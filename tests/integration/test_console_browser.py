@@ -386,6 +386,12 @@ def test_tree_paging_prefix_and_cluster_panel(state: shardstate.StateClient, pag
     assert first[-1] < second[0]  # the next keys in order, none repeated
     page.click('[data-testid="prev-page"]')
     page.until(lambda d: page.keys() == first, "back on page 1")
+    state.set_many(f"{ns}:job-1", {f"item-000-{i:02d}": i for i in range(20)})  # live, at the top
+    expected = sorted([f"item-000-{i:02d}" for i in range(20)] + first)[:50]
+    page.until(lambda d: page.keys() == expected, "new keys in order, the page still 50 rows")
+    page.click('[data-testid="next-page"]')  # the rows pushed off page 1 start page 2
+    page.until(lambda d: page.keys()[:1] == [first[-20]], "page 2 after live inserts")
+    page.click('[data-testid="prev-page"]')
     page.type_into('[data-testid="prefix"]', "item-11")
     page.until(lambda d: len(page.keys()) == 10, "prefix search")
     assert all(k.startswith("item-11") for k in page.keys())
