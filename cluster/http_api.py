@@ -30,6 +30,7 @@ from urllib.parse import parse_qs
 import ray
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
 
@@ -306,6 +307,12 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
     @app.exception_handler(StateError)
     async def on_state_error(_request: Request, exc: StateError) -> Response:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        cls = NotFound if exc.status_code == 404 else InvalidInput
+        body = {"error": {"type": cls.__name__, "message": str(exc.detail)}}
+        return Response(dumps(body), exc.status_code, headers=exc.headers, media_type="application/json")
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_request(_request: Request, exc: RequestValidationError) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 import ray
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import shardstate
 from shardstate.cluster.console import ConsoleWarning, find_console
@@ -598,3 +601,74 @@ def test_unique_names_do_not_collide(http: httpx.Client, state: shardstate.State
     assert http.put(item_url(group, "x/y"), json=1).status_code == 200
     assert state.get(group, "x/y") == 1
     assert state.get(group, "x") is None
+
+
+# -- fuzzing: whatever a client sends, the answer is a typed 4xx or a 200, never a 5xx -------------
+NAMES = st.text(st.characters(codec="utf-8"), min_size=0, max_size=40) | st.sampled_from(
+    ["g", "fuzz", "__shardstate:triggers", "a/b", "%", "..", "x" * 600]
+)
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=10,
+    ).map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {
+            "ops": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "type": st.sampled_from(["increment", "set", "merge", "append", "remove", "bogus"]),
+                        "path": NAMES,
+                        "value": st.integers() | st.text(max_size=5),
+                    }
+                ),
+                max_size=3,
+            )
+        }
+    ).map(lambda v: json.dumps(v).encode()),
+)
+HEADERS = st.fixed_dictionaries(
+    {},
+    optional={
+        "If-Match": st.sampled_from(['"1"', "*", 'W/"3"', "junk", '"99999999999999999999999"']),
+        "If-None-Match": st.sampled_from(["*", '"1"']),
+        "Idempotency-Key": st.text(
+            st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=300
+        ),
+        "Last-Event-ID": st.sampled_from(["x/0/1", "garbage", "a/b/c"]),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    method=st.sampled_from(["GET", "PUT", "PATCH", "DELETE", "POST", "HEAD"]),
+    group=NAMES,
+    key=st.none() | NAMES,
+    query=st.dictionaries(st.sampled_from(["limit", "cursor", "prefix", "group", "key"]), NAMES, max_size=3),
+    body=BODIES,
+    headers=HEADERS,
+)
+def test_fuzzed_requests_get_typed_answers(
+    console: shardstate.ConsoleInfo,
+    method: str,
+    group: str,
+    key: str | None,
+    query: dict[str, str],
+    body: bytes,
+    headers: dict[str, str],
+) -> None:
+    path = f"/api/v1/groups/{quote(group, safe='')}"
+    if key is not None:
+        path += f"/items/{quote(key, safe='')}"
+    headers = {**headers, "Authorization": f"Bearer {console.token}"}
+    with httpx.Client(base_url=console.url, timeout=60) as client:
+        response = client.request(method, path, params=query, content=body, headers=headers)
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    assert response.status_code in (200, 400, 404, 405, 409, 412, 413, 422), response.text[:500]
+    if response.status_code >= 400 and method != "HEAD" and response.status_code != 405:
+        error = response.json()["error"]
+        assert isinstance(error["type"], str)
+        assert isinstance(error["message"], str)
