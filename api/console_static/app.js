@@ -827,7 +827,11 @@
 
   function applyToItems(kind, ev) {
     const key = ev.key;
-    if (S.page.replay) S.page.replay.push([kind, ev]);
+    const replay = S.page.replay;
+    if (replay) {
+      replay.push([kind, ev]);
+      if (replay.length > 5000) { S.page.replay = null; refreshPageSoon(); }  // too many: read it again
+    }
     applyToRows(kind, ev, true);
     const cur = S.current;
     if (!cur || cur.key !== key) return;
