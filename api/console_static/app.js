@@ -371,7 +371,7 @@
       renderItems(data.items);
       const replay = p.replay;
       p.replay = null;
-      for (const [kind, ev] of replay) applyToRows(kind, ev, false);  // the page may predate them
+      for (const [kind, ev] of replay ?? []) applyToRows(kind, ev, false);  // the page may predate them
       mark('shardstate:items-shown');
     } catch (e) {
       if (seq === S.page.seq) { p.replay = null; toast(`items: ${errText(e)}`, 'error'); }
