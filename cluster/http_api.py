@@ -22,7 +22,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -410,7 +410,12 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         marks = await _resume_marks(api, last, group)
         stream = _sse(api, request, group, key, marks)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+        # The first line comes once the starting point is taken: before the response headers, which
+        # a browser's EventSource already announces as "open" (the web console then shows "live").
+        first = await anext(stream)
+        return StreamingResponse(
+            _then(first, stream), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"}
+        )
 
     @app.get("/api/v1/cluster", summary="Shards, nodes, triggers, dead letters and rates")
     async def cluster_view() -> Response:
@@ -515,7 +520,7 @@ async def _resume_marks(api: Api, last: str | None, group: str | None) -> dict[i
 
 async def _sse(
     api: Api, request: Request, group: str | None, key: str | None, marks: dict[int, int] | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The event stream: the starting point is taken before the first line (``retry`` and a
     comment) is sent, then one ``id``/``event``/``data`` block per matching event."""
     watcher = AsyncWatcher(api.client._link, group, 0.05, marks)
@@ -541,6 +546,16 @@ async def _sse(
             yield b"id: %s\nevent: state\ndata: %s\n\n" % (event.event_id.encode(), dumps(data))
     finally:
         await watcher.close()
+
+
+async def _then(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """``first``, then the rest of a started stream (closed with this one)."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 async def _cluster_view(api: Api) -> dict[str, Any]:
