@@ -17,8 +17,10 @@ demo: $(VENV)/.installed  ## the fan-in workflow on a local embedded Ray (TASKS=
 # The browser test's headless Chromium + chromedriver and the JS example's node (Debian packages),
 # installed only where chromedriver is missing and apt-get exists (CI and a fresh machine run as root).
 test-deps:
-	@if [ ! -x /usr/bin/chromedriver ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nodejs; \
+	@need=""; [ -x /usr/bin/chromedriver ] || need="chromium chromium-driver"; \
+	command -v node >/dev/null 2>&1 || need="$$need nodejs"; \
+	if [ -n "$$need" ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
 	fi
 
 test: $(VENV)/.installed test-deps  ## lint + types + the whole test suite
