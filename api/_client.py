@@ -360,6 +360,18 @@ class StateClient(_ClientBase):
         """Events whose handler kept failing, with the last error."""
         return [_triggers.dead_letter(item.value) for item in self.items(_triggers.DEAD_LETTERS_GROUP)]
 
+    def retry_dead_letter(self, trigger: str, event_id: str) -> bool:
+        """Run trigger ``trigger``'s handler again on its dead-lettered event ``event_id``.
+
+        It runs in the cluster as a delivery does (a subscriber's runner; the trigger's condition,
+        timeout, attempts and backoff apply). If it succeeds the dead letter is removed and this
+        returns True. If it fails again the dead letter stays, with the new error and its
+        ``attempts`` increased by this retry's, and this returns False. Returns False too when there
+        is no such dead letter (unknown trigger or event_id). Raises :class:`InvalidInput` if the
+        trigger was removed since (or the letter was stored without its event's values).
+        """
+        return _triggers.retry_dead_letter(self, trigger, event_id)
+
     def watch(self, group_id: str | None = None, *, timeout: float | None = None) -> Iterator[StateEvent]:
         """Stream live events (of ``group_id``, or all) from now on; ends after ``timeout`` if given."""
         return _triggers.watch(self, group_id, timeout=timeout)
@@ -613,6 +625,10 @@ class AsyncStateClient(_ClientBase):
     async def list_dead_letters(self) -> builtins.list[DeadLetter]:
         """See :meth:`StateClient.list_dead_letters`."""
         return await asyncio.to_thread(self._sync().list_dead_letters)
+
+    async def retry_dead_letter(self, trigger: str, event_id: str) -> bool:
+        """See :meth:`StateClient.retry_dead_letter`."""
+        return await asyncio.to_thread(self._sync().retry_dead_letter, trigger, event_id)
 
     async def watch(
         self, group_id: str | None = None, *, timeout: float | None = None

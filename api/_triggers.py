@@ -9,16 +9,22 @@ subscribers are pushed too), from the moment they start (:mod:`shardstate._watch
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncGenerator, Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
+import ray
+from ray.exceptions import RayError
 
-from shardstate._errors import InvalidInput, StateError
+from shardstate._errors import InvalidInput, StateError, Unavailable
 from shardstate._models import DeadLetter, StateEvent, TriggerInfo
 from shardstate._requests import delete_request, set_request
 from shardstate._watch import follow_events, follow_events_async
+from shardstate.cluster import subscriber as sub
+from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.delivery import DEFAULT_HANDLER_TIMEOUT
+from shardstate.cluster.router import subscriber_count
 from shardstate.cluster.slots import slot_of
 from shardstate.cluster.subscriber import DEAD_LETTERS_GROUP, TRIGGERS_GROUP
 from shardstate.shards.validation import check_name
@@ -109,6 +115,46 @@ def dead_letter(value: dict[str, Any]) -> DeadLetter:
     return DeadLetter(**{**value, "event": StateEvent(**value["event"])})
 
 
+def retry_dead_letter(state: StateClient, trigger: str, event_id: str) -> bool:
+    """Run ``trigger``'s handler again on its dead letter of ``event_id`` (see
+    :meth:`StateClient.retry_dead_letter`); True if it succeeded and the letter is gone.
+
+    The subscriber that delivers the event's shard runs it, in its runners, as a delivery.
+    """
+    check_name(trigger, "trigger")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidInput(f"event_id must be a non-empty str, got {event_id!r}")
+    link = state._link
+    link.check_open()
+    config = ClusterConfig(**link.config)
+    shard = event_id.rsplit("/", 2)[-2] if event_id.count("/") >= 2 else "0"
+    index = (int(shard) if shard.isdigit() else 0) % subscriber_count(config.shards)
+    answer = _ask_subscriber(config.subscriber_name(index), trigger, event_id, link.retry_timeout)
+    if answer == sub.TRIGGER_GONE:
+        raise InvalidInput(f"trigger {trigger!r} was removed: its dead letter {event_id!r} cannot run again")
+    if answer == sub.NO_VALUES:
+        raise InvalidInput(
+            f"the dead letter of {trigger!r} for {event_id!r} was stored without its event's values "
+            "(they did not fit max_value_size): there is nothing to run the handler on"
+        )
+    return answer == sub.RETRIED
+
+
+def _ask_subscriber(name: str, trigger: str, event_id: str, patience: float) -> str:
+    """Call ``retry_dead_letter`` on subscriber ``name``; wait up to ``patience`` seconds for a
+    restarting subscriber. The call itself has no time limit: the trigger's timeout bounds each
+    attempt of the handler."""
+    started = time.monotonic()
+    while True:
+        try:
+            handle: Any = ray.get_actor(name, namespace=NAMESPACE)
+            return str(ray.get(handle.retry_dead_letter.remote(trigger, event_id)))
+        except (ValueError, RayError) as exc:  # not there (yet), restarting, or died meanwhile
+            if time.monotonic() - started > patience:
+                raise Unavailable(f"subscriber {name!r} cannot retry the dead letter: {exc}") from exc
+            time.sleep(0.2)
+
+
 def watch(
     state: StateClient, group_id: str | None = None, *, poll: float = POLL, timeout: float | None = None
 ) -> Generator[StateEvent, None, None]:
@@ -162,4 +208,12 @@ def wait_until(
     raise WaitTimeout(f"{group_id!r}/{key!r} did not satisfy the predicate within {timeout}s")
 
 
-__all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "WaitTimeout", "wait_until", "watch", "watch_async"]
+__all__ = [
+    "DEAD_LETTERS_GROUP",
+    "TRIGGERS_GROUP",
+    "WaitTimeout",
+    "retry_dead_letter",
+    "wait_until",
+    "watch",
+    "watch_async",
+]

@@ -58,6 +58,8 @@ STALL_GRACE = 5.0
 REMOTE_GRACE = 2.0
 #: a handler's error text is kept up to this many characters in a dead letter
 ERROR_CHARS = 2000
+#: what the error text of a dead letter stored without its values ends with
+TRUNCATED = " [dead letter truncated: the values did not fit max_value_size]"
 
 
 def tick(timeout: float | None) -> float:
@@ -86,6 +88,20 @@ def to_state_event(cluster: str, shard: int, event: Event) -> StateEvent:
         seq=event.seq,
         event_id=f"{cluster}/{shard}/{event.seq}",
         shard=shard,
+        at=event.at,
+    )
+
+
+def to_record(event: StateEvent) -> Event:
+    """A :class:`StateEvent` (a dead letter's) back as a full-form log record, for delivery again:
+    the runner turns it into the same event (same ``event_id``)."""
+    return Event(
+        seq=event.seq,
+        kind=event.event_type,
+        group_id=event.group_id,
+        key=event.key,
+        old=None if event.old_value is None else cloudpickle.dumps(event.old_value),
+        new=None if event.new_value is None else cloudpickle.dumps(event.new_value),
         at=event.at,
     )
 
@@ -321,7 +337,7 @@ def letter_value(letter: dict[str, Any], level: int) -> dict[str, Any]:
     for field in ("old_value", "new_value"):
         body[field] = _summary(body[field], keep)
     error = error[: ERROR_CHARS if level == 1 else 200]
-    error += " [dead letter truncated: the values did not fit max_value_size]"
+    error += TRUNCATED
     return {**letter, "event": body, "error": error}
 
 

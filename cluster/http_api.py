@@ -22,7 +22,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs
@@ -410,13 +410,22 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
         marks = await _resume_marks(api, last, group)
         stream = _sse(api, request, group, key, marks)
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"X-Accel-Buffering": "no"})
+        # The first line comes once the starting point is taken: before the response headers, which
+        # a browser's EventSource already announces as "open" (the web console then shows "live").
+        first = await anext(stream)
+        return StreamingResponse(
+            _then(first, stream), media_type="text/event-stream", headers={"X-Accel-Buffering": "no"}
+        )
 
     @app.get("/api/v1/cluster", summary="Shards, nodes, triggers, dead letters and rates")
     async def cluster_view() -> Response:
         return _json(await _cluster_view(api))
 
-    @app.post("/api/v1/dead-letters/retry", summary="Run a dead letter's handler again")
+    @app.post(
+        "/api/v1/dead-letters/retry",
+        summary="Run a dead letter's handler again: {retried: true} (removed), or {retried: false, "
+        "error, attempts} (it failed again and stays); 404 if there is no such dead letter",
+    )
     async def retry_dead_letter(request: Request) -> Response:
         body = parse_json(await read_body(request, max_body))
         if (
@@ -425,13 +434,14 @@ def build_app(client: AsyncStateClient, token: str, max_value_size: int) -> ASGI
             or not isinstance(body.get("event_id"), str)
         ):
             raise InvalidInput('the body must be {"trigger": str, "event_id": str}')
-        retry = getattr(client, "retry_dead_letter", None)
-        if retry is None:
-            raise Unavailable("this version cannot retry dead letters")
-        retried = await retry(body["trigger"], body["event_id"])
-        if not retried:
-            raise NotFound(f"no dead letter {body['event_id']!r} of trigger {body['trigger']!r}")
-        return _json({"retried": True})
+        trigger, event_id = body["trigger"], body["event_id"]
+        if await client.retry_dead_letter(trigger, event_id):
+            return _json({"retried": True})
+        # False: no such dead letter, or the handler failed again (the letter stays, updated)
+        for letter in await client.list_dead_letters():
+            if letter.trigger == trigger and letter.event.event_id == event_id:
+                return _json({"retried": False, "error": letter.error, "attempts": letter.attempts})
+        raise NotFound(f"no dead letter {event_id!r} of trigger {trigger!r}")
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -510,7 +520,7 @@ async def _resume_marks(api: Api, last: str | None, group: str | None) -> dict[i
 
 async def _sse(
     api: Api, request: Request, group: str | None, key: str | None, marks: dict[int, int] | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The event stream: the starting point is taken before the first line (``retry`` and a
     comment) is sent, then one ``id``/``event``/``data`` block per matching event."""
     watcher = AsyncWatcher(api.client._link, group, 0.05, marks)
@@ -536,6 +546,16 @@ async def _sse(
             yield b"id: %s\nevent: state\ndata: %s\n\n" % (event.event_id.encode(), dumps(data))
     finally:
         await watcher.close()
+
+
+async def _then(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """``first``, then the rest of a started stream (closed with this one)."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 async def _cluster_view(api: Api) -> dict[str, Any]:

@@ -47,14 +47,15 @@ import cloudpickle
 import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
-from shardstate._errors import NotPrimary, StateError, Unavailable
+from shardstate._errors import ConflictError, NotPrimary, StateError, Unavailable
 from shardstate._models import StateEvent
-from shardstate._requests import set_request
+from shardstate._requests import delete_request, set_request
 from shardstate.cluster import metadata
 from shardstate.cluster.config import NAMESPACE, ClusterConfig
 from shardstate.cluster.delivery import (
     DEFAULT_HANDLER_TIMEOUT,
     HANDLER_ATTEMPTS,
+    TRUNCATED,
     Chunk,
     describe,
     handler_key,
@@ -62,6 +63,7 @@ from shardstate.cluster.delivery import (
     letter_key,
     letter_value,
     run_delivery,
+    to_record,
     to_state_event,
 )
 from shardstate.cluster.metrics import Flusher, record_delivery
@@ -96,6 +98,12 @@ INBOX_BYTES = 64 * 1024 * 1024
 #: seconds between attempts to (re)open a shard's follow stream, at most
 STREAM_RETRY = 2.0
 
+#: what :meth:`SubscriberActor.retry_dead_letter` answers: the handler succeeded (the letter is
+#: gone), failed again (the letter keeps the new error), there is no such letter, its trigger was
+#: removed, or the letter was stored without its event's values (nothing to run the handler on)
+RETRIED, FAILED_AGAIN, NO_LETTER = "retried", "failed", "missing"
+TRIGGER_GONE, NO_VALUES = "removed", "truncated"
+
 
 def matches(spec: dict[str, Any], event: StateEvent) -> bool:
     """Whether a trigger's group/key filters select ``event`` (conditions are checked by the task)."""
@@ -124,9 +132,12 @@ def _selected(specs: list[dict[str, Any]], record: Event) -> bool:
     )
 
 
-async def system_set(state: Any, group_id: str, key: str, value: Any) -> None:
+async def system_set(
+    state: Any, group_id: str, key: str, value: Any, expected_version: int | None = None
+) -> None:
     """Every write the subscriber makes to a system group (dead letters) goes through here."""
-    await state._run(set_request(group_id, key, value, state._link.max_value_size, system=True))
+    limit = state._link.max_value_size
+    await state._run(set_request(group_id, key, value, limit, expected_version=expected_version, system=True))
 
 
 def handler_timeout(spec: dict[str, Any]) -> float | None:
@@ -648,14 +659,16 @@ class SubscriberActor:
                     dead.append(letter(name, event, "condition raised " + describe(exc), attempt))
         return False
 
-    async def _run(self, chunk: Chunk) -> list[dict[str, Any]]:
-        """One (trigger, group) chunk, at most MAX_IN_FLIGHT at a time (each in a runner)."""
+    async def _run(self, chunk: Chunk, measured: bool = True) -> list[dict[str, Any]]:
+        """One (trigger, group) chunk, at most MAX_IN_FLIGHT at a time (each in a runner);
+        ``measured``: its events' lag (commit to handler) counts in the event lag metric."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         async with self._slots:
             self.in_flight += 1
             self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
-            self.tally.delivered(chunk.shard, [r.at for r in chunk.records])
+            if measured:
+                self.tally.delivered(chunk.shard, [r.at for r in chunk.records])
             try:
                 dead = await run_delivery(self.runners, chunk)
             finally:
@@ -671,27 +684,77 @@ class SubscriberActor:
         a cluster that is unavailable makes this raise (the batch then comes again).
         """
         for item in dead:
-            event: StateEvent = item["event"]
-            key = letter_key(item["trigger"], event.event_id)
-            reason: Exception | None = None
-            for level in range(3):
-                try:
-                    await system_set(self.state, DEAD_LETTERS_GROUP, key, letter_value(item, level))
-                    break
-                except Unavailable:
-                    raise
-                except StateError as exc:  # ValueTooLarge, InvalidInput: store less of it
-                    reason = exc
-            else:
-                self.letters_dropped += 1
-                print(
-                    f"shardstate subscriber: dropped the dead letter of trigger {item['trigger']!r} for "
-                    f"event {event.event_id}: {reason!r}",
-                    file=sys.stderr,
+            await self._store_letter(item)
+
+    async def _store_letter(self, item: dict[str, Any], expected_version: int | None = None) -> None:
+        """Store one dead letter (see :meth:`_record_dead`); ``expected_version``: only over that
+        version of it (else :class:`ConflictError`)."""
+        event: StateEvent = item["event"]
+        key = letter_key(item["trigger"], event.event_id)
+        reason: Exception | None = None
+        for level in range(3):
+            try:
+                value = letter_value(item, level)
+                await system_set(self.state, DEAD_LETTERS_GROUP, key, value, expected_version)
+                break
+            except (Unavailable, ConflictError):
+                raise
+            except StateError as exc:  # ValueTooLarge, InvalidInput: store less of it
+                reason = exc
+        else:
+            self.letters_dropped += 1
+            print(
+                f"shardstate subscriber: dropped the dead letter of trigger {item['trigger']!r} for "
+                f"event {event.event_id}: {reason!r}",
+                file=sys.stderr,
+            )
+            return
+        self.dead += 1
+        self.tally.dead_letter(event.shard, item["trigger"])
+
+    async def retry_dead_letter(self, name: str, event_id: str) -> str:
+        """Run trigger ``name``'s handler again on its dead letter of event ``event_id``.
+
+        The event goes through this subscriber's runners like any delivery: the trigger's
+        condition, timeout, attempts and backoff apply. If the handler succeeds the dead letter is
+        removed; if it fails again the letter is stored again with the new error and the attempts
+        added to the earlier ones. A letter changed meanwhile (a concurrent retry) is left as it is
+        then. Answers :data:`RETRIED`, :data:`FAILED_AGAIN`, :data:`NO_LETTER`,
+        :data:`TRIGGER_GONE` or :data:`NO_VALUES` (the last three ran nothing).
+        """
+        await self.ensure_running()
+        key = letter_key(name, event_id)
+        entry = await self.state.get_entry(DEAD_LETTERS_GROUP, key)
+        stored = None if entry is None else entry.value
+        if (
+            entry is None
+            or not isinstance(stored, dict)
+            or stored.get("trigger") != name
+            or stored.get("event", {}).get("event_id") != event_id
+        ):
+            return NO_LETTER
+        spec = await self.state.get(TRIGGERS_GROUP, name)
+        if spec is None:
+            return TRIGGER_GONE
+        if str(stored.get("error", "")).endswith(TRUNCATED):
+            return NO_VALUES
+        event = StateEvent(**stored["event"])
+        dead: list[dict[str, Any]] = []
+        if self._holds(name, self._condition(name, spec), event, dead):
+            blob, hkey = self._handler_of(name, spec)
+            records = [to_record(event)]
+            chunk = Chunk(name, blob, hkey, self.config.name, event.shard, records, handler_timeout(spec))
+            dead.extend(await self._run(chunk, measured=False))  # no event lag: a retry
+        if not dead:
+            with contextlib.suppress(ConflictError):
+                await self.state._run(
+                    delete_request(DEAD_LETTERS_GROUP, key, expected_version=entry.version, system=True)
                 )
-                continue
-            self.dead += 1
-            self.tally.dead_letter(event.shard, item["trigger"])
+            return RETRIED
+        again = {**dead[0], "attempts": int(stored.get("attempts", 0)) + int(dead[0]["attempts"])}
+        with contextlib.suppress(ConflictError):
+            await self._store_letter(again, expected_version=entry.version)
+        return FAILED_AGAIN
 
 
 __all__ = ["DEAD_LETTERS_GROUP", "TRIGGERS_GROUP", "SubscriberActor", "matches", "to_state_event"]

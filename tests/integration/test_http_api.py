@@ -533,14 +533,18 @@ def test_start_console_again_returns_the_running_one(
     ("host", "port"), [("", 80), ("127.0.0.1", -1), ("127.0.0.1", 70000), ("a b", 1), (1, 1)]
 )
 def test_bad_console_addresses_are_invalid_input(new_cluster: dict[str, str], host: Any, port: Any) -> None:
-    client = shardstate.connect(cluster=new_cluster["cluster"], shards=1, storage="memory")
+    client = shardstate.connect(
+        cluster=new_cluster["cluster"], shards=1, storage=new_cluster["storage"], durability="memory"
+    )
     with pytest.raises(shardstate.InvalidInput):
         client.start_console(host=host, port=port)
     assert find_console(new_cluster["cluster"]) is None
 
 
 def test_a_taken_port_is_unavailable_and_leaves_no_actor(new_cluster: dict[str, str]) -> None:
-    client = shardstate.connect(cluster=new_cluster["cluster"], shards=1, storage="memory")
+    client = shardstate.connect(
+        cluster=new_cluster["cluster"], shards=1, storage=new_cluster["storage"], durability="memory"
+    )
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -553,7 +557,9 @@ def test_a_taken_port_is_unavailable_and_leaves_no_actor(new_cluster: dict[str, 
 
 
 def test_binding_beyond_loopback_warns(new_cluster: dict[str, str]) -> None:
-    client = shardstate.connect(cluster=new_cluster["cluster"], shards=1, storage="memory")
+    client = shardstate.connect(
+        cluster=new_cluster["cluster"], shards=1, storage=new_cluster["storage"], durability="memory"
+    )
     with pytest.warns(ConsoleWarning):
         info = client.start_console(host="0.0.0.0", port=0)
     assert "0.0.0.0" not in info.url  # the node's address is shown instead
@@ -561,7 +567,9 @@ def test_binding_beyond_loopback_warns(new_cluster: dict[str, str]) -> None:
 
 
 def test_a_killed_console_comes_back_with_the_same_token(new_cluster: dict[str, str]) -> None:
-    client = shardstate.connect(cluster=new_cluster["cluster"], shards=1, storage="memory")
+    client = shardstate.connect(
+        cluster=new_cluster["cluster"], shards=1, storage=new_cluster["storage"], durability="memory"
+    )
     client.set("g", "k", 1)
     info = client.start_console(port=0)
     pid = ray.get(find_console(new_cluster["cluster"]).info.remote())["pid"]
@@ -587,7 +595,9 @@ def test_a_killed_console_comes_back_with_the_same_token(new_cluster: dict[str, 
 
 
 def test_shutdown_stops_the_console(new_cluster: dict[str, str]) -> None:
-    client = shardstate.connect(cluster=new_cluster["cluster"], shards=1, storage="memory")
+    client = shardstate.connect(
+        cluster=new_cluster["cluster"], shards=1, storage=new_cluster["storage"], durability="memory"
+    )
     info = client.start_console(port=0)
     assert find_console(new_cluster["cluster"]) is not None
     shardstate.shutdown(new_cluster["cluster"])
