@@ -107,6 +107,14 @@ def test_subscriber_stats_show_event_lag_and_dead_letters(new_cluster: dict[str,
         if lag["count"]:
             assert 0 <= lag["p50"] <= lag["max"] < 120
 
+    # a retried dead letter that fails again is a dead letter again, and no event lag
+    lagged = sum(s["event_lag_s"]["count"] for s in stats)
+    (letter,) = [d for d in state.list_dead_letters() if d.event.key == "bad1"]
+    assert state.retry_dead_letter("lagged", letter.event.event_id) is False
+    again = ray.get(state.router.subscriber_stats.remote())
+    assert sum(s["dead_letters"] for s in again) == 3
+    assert sum(s["event_lag_s"]["count"] for s in again) == lagged
+
 
 def _has_metrics_export() -> bool:
     return importlib.util.find_spec("prometheus_client") is not None and (
