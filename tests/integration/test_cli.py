@@ -45,10 +45,22 @@ def cli(state: shardstate.StateClient) -> Cli:
 
 
 def parsed(result: Result) -> Any:
-    """The single JSON document a ``--json`` run printed."""
-    lines = result.stdout.strip().splitlines()
+    """The single JSON document a ``--json`` run printed (lines Ray's own log monitor printed to
+    this process's stdout meanwhile, such as raylet warnings, are not the CLI's and are skipped)."""
+    lines = out(result).strip().splitlines()
     assert len(lines) == 1, result.stdout
     return json.loads(lines[0])
+
+
+def out(result: Any) -> str:
+    """What the CLI printed: stdout without the lines Ray's log monitor printed to this process
+    meanwhile (``(raylet) WARNING: ...``, coloured ``(pid=...)`` prefixes)."""
+    kept = [line for line in result.stdout.splitlines(keepends=True) if not _ray_log_line(line)]
+    return "".join(kept)
+
+
+def _ray_log_line(line: str) -> bool:
+    return line.startswith(("\x1b[", "(raylet)", "(pid=")) or "\x1b[33m(raylet)" in line
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 120.0) -> None:
@@ -69,7 +81,7 @@ def test_set_get_update_delete(cli: Cli, state: shardstate.StateClient, group: s
     version = state.get_entry(group, "k").version  # type: ignore[union-attr]
     assert parsed(got) == {"group": group, "key": "k", "value": {"n": 1, "tags": ["a"]}, "version": version}
     human = cli("get", group, "k")
-    assert json.loads(human.stdout) == {"n": 1, "tags": ["a"]}  # the value, as JSON
+    assert json.loads(out(human)) == {"n": 1, "tags": ["a"]}  # the value, as JSON
 
     bumped = cli("update", group, "k", '[{"type": "increment", "path": "n", "by": 2}]', "--json")
     assert bumped.exit_code == 0, bumped.output
@@ -151,7 +163,7 @@ def test_groups_status_and_items_pages(cli: Cli, state: shardstate.StateClient, 
     assert {"group": group, "count": 8} in listed["groups"]
     human = cli("groups")
     assert human.exit_code == 0
-    assert group in human.stdout
+    assert group in out(human)
 
     status = parsed(cli("status", "--json"))
     assert status["cluster"] == state.cluster
@@ -161,7 +173,7 @@ def test_groups_status_and_items_pages(cli: Cli, state: shardstate.StateClient, 
     assert sum(s["keys"] for s in status["shards"]) >= 8
     shown = cli("status")
     assert shown.exit_code == 0
-    assert f"cluster {state.cluster}" in shown.stdout
+    assert f"cluster {state.cluster}" in out(shown)
 
     keys: list[str] = []
     cursor: str | None = None
@@ -180,8 +192,8 @@ def test_groups_status_and_items_pages(cli: Cli, state: shardstate.StateClient, 
     assert pages == 3
     first = cli("items", group, "--limit", "2")
     assert first.exit_code == 0
-    assert "k00" in first.stdout
-    assert "next page: --cursor" in first.stdout
+    assert "k00" in out(first)
+    assert "next page: --cursor" in out(first)
 
 
 def test_clear_asks_first(cli: Cli, state: shardstate.StateClient, group: str) -> None:
@@ -196,7 +208,7 @@ def test_clear_asks_first(cli: Cli, state: shardstate.StateClient, group: str) -
 
     agreed = cli("clear", group, input="y\n")
     assert agreed.exit_code == 0
-    assert "removed 2 items" in agreed.stdout
+    assert "removed 2 items" in out(agreed)
     assert state.items(group) == []
     state.set(group, "c", 3)
     assert parsed(cli("--json", "clear", group, "--yes")) == {"removed": 1, "cleared": True}
@@ -228,7 +240,7 @@ def writer(state: shardstate.StateClient, group: str) -> Iterator[None]:
 def test_watch_prints_live_events_of_a_key(cli: Cli, group: str, writer: None) -> None:
     seen = cli("--json", "watch", group, "target", "--count", "3", "--timeout", "120")
     assert seen.exit_code == 0, seen.output
-    events = [json.loads(line) for line in seen.stdout.splitlines()]
+    events = [json.loads(line) for line in out(seen).splitlines()]
     assert len(events) == 3
     assert {e["key"] for e in events} == {"target"}
     assert {e["scope"] for e in events} == {group}
@@ -243,7 +255,7 @@ def test_watch_prints_live_events_of_a_key(cli: Cli, group: str, writer: None) -
 
     human = cli("watch", group, "--count", "2", "--timeout", "120")
     assert human.exit_code == 0
-    lines = human.stdout.splitlines()
+    lines = out(human).splitlines()
     assert len(lines) == 2
     assert all(f"{group}/" in line and "state:" in line for line in lines)
 
@@ -251,7 +263,7 @@ def test_watch_prints_live_events_of_a_key(cli: Cli, group: str, writer: None) -
 def test_watch_ends_at_its_timeout(cli: Cli, group: str) -> None:
     quiet = cli("--json", "watch", group, "--timeout", "0.5")
     assert quiet.exit_code == 0
-    assert quiet.stdout == ""
+    assert out(quiet) == ""
 
 
 # -- export / import --------------------------------------------------------------------------------
@@ -272,7 +284,7 @@ def test_export_import_round_trip(
     state.clear(group)
     imported = cli("import", str(dump))  # human output, with the progress bar on stderr
     assert imported.exit_code == 0, imported.output
-    assert "imported 50 entries" in imported.stdout
+    assert "imported 50 entries" in out(imported)
     assert {i.key: i.value for i in state.items(group)} == values
     assert state.items(group + "-other") == [shardstate.StateItem(key="x", value=1)]
 
@@ -324,8 +336,8 @@ def test_triggers_list_and_retry(cli: Cli, state: shardstate.StateClient, group:
         assert "the flag is not set" in letter["error"]
         human = cli("triggers")
         assert human.exit_code == 0
-        assert name in human.stdout
-        assert "dead letters" in human.stdout
+        assert name in out(human)
+        assert "dead letters" in out(human)
 
         again = cli("--json", "triggers", "retry", name, letter["event_id"])
         assert again.exit_code == 1  # still failing: kept, with more attempts
@@ -362,8 +374,8 @@ def test_console_prints_url_and_token_that_work(
             assert json.load(answer) == {"groups": [{"group": "cfg", "count": 1}]}
         human = runner.invoke(app, ["--cluster", client.cluster, "console", "--port", "0"])
         assert human.exit_code == 0
-        assert info["url"] in human.stdout
-        assert info["token"] in human.stdout
+        assert info["url"] in out(human)
+        assert info["token"] in out(human)
     finally:
         stop_console(client.cluster)
 
@@ -381,7 +393,7 @@ def test_console_on_a_public_address_warns(
         assert shown.exit_code == 0, shown.output
         assert "warning" in shown.stderr
         assert "other machines" in shown.stderr
-        assert "token:" in shown.stdout
+        assert "token:" in out(shown)
     finally:
         stop_console(client.cluster)
 
@@ -413,7 +425,7 @@ def test_the_installed_script_against_the_session_ray(state: shardstate.StateCli
     read = _run(*base, "get", group, "k", "--json")  # --json after the command works too
     assert read.returncode == 0, read.stderr
     version = state.get_entry(group, "k").version  # type: ignore[union-attr]
-    assert json.loads(read.stdout) == {
+    assert json.loads(out(read)) == {
         "group": group,
         "key": "k",
         "value": {"from": "subprocess"},
@@ -421,7 +433,7 @@ def test_the_installed_script_against_the_session_ray(state: shardstate.StateCli
     }
     by_env = _run("--cluster", state.cluster, "--json", "groups", ray_address=address)  # RAY_ADDRESS
     assert by_env.returncode == 0, by_env.stderr
-    assert {"group": group, "count": 1} in json.loads(by_env.stdout)["groups"]
+    assert {"group": group, "count": 1} in json.loads(out(by_env))["groups"]
     missing = _run(*base, "get", group, "nope")
     assert missing.returncode == 1
     assert "NotFound" in missing.stderr
@@ -433,7 +445,7 @@ def test_an_unreachable_address_exits_3(group: str) -> None:
         port = s.getsockname()[1]
     result = _run("--address", f"127.0.0.1:{port}", "--json", "get", group, "k", timeout=60)
     assert result.returncode == 3, result.stderr
-    error = json.loads(result.stdout)["error"]
+    error = json.loads(out(result))["error"]
     assert error["type"] == "Unavailable"
     assert str(port) in error["message"]
 
