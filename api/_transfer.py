@@ -8,7 +8,6 @@ and key, and nothing is written. Import writes in batches, one actor call per sh
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from shardstate._client import StateClient
 from shardstate._errors import InvalidInput
 from shardstate._requests import set_request
 from shardstate.cluster.config import DEFAULT_CLUSTER
-from shardstate.shards.update_ops import is_json_like
+from shardstate.shards.update_ops import has_json_form
 from shardstate.shards.validation import check_name
 
 BATCH = 2000
@@ -35,16 +34,6 @@ def _client(state: StateClient | None, cluster: str) -> StateClient:
     from shardstate._connect import connect
 
     return connect(cluster=cluster)
-
-
-def _finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    if isinstance(value, dict):
-        return all(_finite(v) for v in value.values())
-    return True
 
 
 def export(
@@ -75,7 +64,7 @@ def export(
         with tmp.open("w", encoding="utf-8") as out:
             for group_id in client.list_groups() if chosen is None else chosen:
                 for item in client.items(group_id):
-                    if not is_json_like(item.value) or not _finite(item.value):
+                    if not has_json_form(item.value):
                         raise InvalidInput(
                             f"cannot export {group_id!r}/{item.key!r}: its value "
                             f"({type(item.value).__name__}) is not JSON (dict, list, str, number, bool, None)"

@@ -17,7 +17,6 @@ Writes ``bench/results/console_load.json``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import tempfile
@@ -27,30 +26,16 @@ from typing import Any
 from urllib.parse import quote
 
 import ray
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 import shardstate
 from bench._common import report
+from bench.browser import browser_missing, headless_chromium
 
 CLUSTER = "bench-console"
 GROUP = "console-load"
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1400,900",
-)
 MARKS = ("shardstate:items-shown", "shardstate:groups-shown")
 
 
@@ -63,16 +48,6 @@ def fill(state: shardstate.StateClient, items: int) -> None:
             for i in range(start, min(items, start + batch))
         }
         state.set_many(GROUP, values, returning="none")
-
-
-def browser(profile: str) -> WebDriver:
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never look for drivers online
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={profile}")
-    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
 
 
 def one_load(driver: WebDriver, url: str, items: int) -> dict[str, float]:
@@ -126,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--out", default="bench/results/console_load.json")
     args = parser.parse_args(argv)
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        print(f"{CHROMIUM} / {CHROMEDRIVER} missing: apt-get install -y chromium chromium-driver")
+    missing = browser_missing()
+    if missing is not None:
+        print(missing)
         return 1
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # its own Ray, never another's
@@ -143,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         info = state.start_console(port=0)
         url = info.url.rstrip("/") + "/"
         with tempfile.TemporaryDirectory(prefix="bench-console-chromium-") as profile:
-            driver = browser(profile)
+            driver = headless_chromium(profile)
             driver.get(f"{url}?token={info.token}")  # sign in (sets the cookie); not measured
             WebDriverWait(driver, 60).until(
                 lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
@@ -155,14 +131,24 @@ def main(argv: list[str] | None = None) -> int:
         groups_ms = api_ms(base, info.token, "/api/v1/groups", args.loads)
         page_ms = api_ms(base, info.token, f"/api/v1/groups/{quote(GROUP)}/items?limit=50", args.loads)
         rows: list[dict[str, Any]] = [
-            {"load": i + 1, "ready ms": r["ready_ms"], "DOMContentLoaded ms": r["dom_content_loaded_ms"],
-             "rows shown": r["rows"]}
+            {
+                "load": i + 1,
+                "ready ms": r["ready_ms"],
+                "DOMContentLoaded ms": r["dom_content_loaded_ms"],
+                "rows shown": r["rows"],
+            }
             for i, r in enumerate(loads)
         ]
         median_ready = statistics.median(r["ready_ms"] for r in loads)
         median_dcl = statistics.median(r["dom_content_loaded_ms"] for r in loads)
-        rows.append({"load": "median", "ready ms": median_ready, "DOMContentLoaded ms": median_dcl,
-                     "rows shown": loads[0]["rows"]})
+        rows.append(
+            {
+                "load": "median",
+                "ready ms": median_ready,
+                "DOMContentLoaded ms": median_dcl,
+                "rows shown": loads[0]["rows"],
+            }
+        )
         report(
             f"Web console page load, a group of {args.items:,} items (headless Chromium, {args.loads} loads)",
             rows,
@@ -177,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fill_s": fill_s,
             },
         )
-        print(f"API from Python (median of {args.loads}): GET /api/v1/groups {groups_ms:.1f} ms, "
-              f"first page of 50 items {page_ms:.1f} ms")
+        print(
+            f"API from Python (median of {args.loads}): GET /api/v1/groups {groups_ms:.1f} ms, "
+            f"first page of 50 items {page_ms:.1f} ms"
+        )
     finally:
         if driver is not None:
             driver.quit()

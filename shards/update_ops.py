@@ -66,34 +66,28 @@ class Op(NamedTuple):
     arg: Any
 
 
-def is_json_like(value: Any, _depth: int = 0) -> bool:
+def is_json_like(value: Any) -> bool:
     """True if ``value`` is built only of dict (str keys), list, str, int, float, bool and None."""
-    if value is None or isinstance(value, (str, bool, int)):
-        return True
-    if isinstance(value, float):
-        return True
-    if _depth > 200:
-        return False
-    if isinstance(value, list):
-        return all(is_json_like(v, _depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and is_json_like(v, _depth + 1) for k, v in value.items())
-    return False
+    return _json_walk(value, False, 0)
 
 
-def has_json_form(value: Any, _depth: int = 0) -> bool:
+def has_json_form(value: Any) -> bool:
     """True if ``value`` is JSON-like (:func:`is_json_like`) with only finite floats: what JSON
     can carry as it is (the HTTP API shows anything else as a Python object, read-only)."""
+    return _json_walk(value, True, 0)
+
+
+def _json_walk(value: Any, finite: bool, depth: int) -> bool:
     if value is None or isinstance(value, (str, bool, int)):
         return True
     if isinstance(value, float):
-        return math.isfinite(value)
-    if _depth > 200:
+        return not finite or math.isfinite(value)
+    if depth > 200:
         return False
     if isinstance(value, list):
-        return all(has_json_form(v, _depth + 1) for v in value)
+        return all(_json_walk(v, finite, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and has_json_form(v, _depth + 1) for k, v in value.items())
+        return all(isinstance(k, str) and _json_walk(v, finite, depth + 1) for k, v in value.items())
     return False
 
 

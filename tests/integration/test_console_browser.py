@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -27,29 +25,17 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 import shardstate
+from bench.browser import browser_missing, headless_chromium
 
 pytestmark = pytest.mark.timeout(240)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-CHROME_FLAGS = (
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1400,900",
-)
 WAIT_S = 20.0  # upper bound for anything to show; the waits return as soon as it does
 
 
 def _need_browser() -> None:
-    if os.path.exists(CHROMEDRIVER) and os.path.exists(CHROMIUM):
+    reason = browser_missing()
+    if reason is None:
         return
-    reason = f"{CHROMEDRIVER} / {CHROMIUM} missing (apt-get install -y chromium chromium-driver)"
     if os.environ.get("CI"):
         pytest.fail(f"browser test in CI: {reason}")
     pytest.skip(reason)
@@ -143,13 +129,7 @@ def _enabled(element: WebElement | None) -> WebElement | None:
 def page(console: shardstate.ConsoleInfo, tmp_path: Path) -> Iterator[Page]:
     """A fresh headless Chromium (own profile in tmp_path) signed in to the session's console."""
     _need_browser()
-    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager: never look for drivers online
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS:
-        options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver = headless_chromium(str(tmp_path / "profile"))
     shots = tmp_path / "screenshots"
     shots.mkdir()
     p = Page(driver, shots)
