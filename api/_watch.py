@@ -20,6 +20,7 @@ blocking sockets and a selector, :class:`AsyncWatcher` with asyncio streams.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import selectors
 import time
 from collections.abc import AsyncGenerator, Generator, Iterable
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from shardstate._errors import StateError
 from shardstate._models import StateEvent
 from shardstate.cluster.delivery import to_state_event
 from shardstate.cluster.slots import slot_of
@@ -53,6 +55,10 @@ LOG_BATCH = 1000
 REOPEN_EVERY = 0.2
 #: seconds a watcher waits for a shard's address or stream
 OPEN_TIMEOUT = 10.0
+
+
+class LogUnavailable(Exception):
+    """A shard's log could not be read (it restarts, or is no longer its shard's primary)."""
 
 
 class ShardFollow:
@@ -197,6 +203,13 @@ class SyncWatcher:
             self._pending_fill.append((shard, upto))
         return True
 
+    def _handle(self, shard: _Shard) -> Any:
+        """The shard's handle in the router's current map (a failover names another member)."""
+        try:
+            return self.link.refresh().shards[shard.follow.shard]
+        except StateError:
+            return shard.handle
+
     def _broken(self, shard: _Shard) -> None:
         if shard.conn is not None:
             self.selector.unregister(shard.conn.sock)
@@ -211,8 +224,10 @@ class SyncWatcher:
             try:
                 ref = shard.handle.events_since.remote(shard.follow.mark, LOG_BATCH, True)
                 events = ray.get(ref, timeout=self.link.timeout)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                return  # restarting: its stream (or the next poll) tells us where it is
+            except ray.exceptions.RayError:  # restarting, or no longer the primary: reopen later
+                if not shard.polling:
+                    self._broken(shard)  # the reopened stream says again what to read
+                return
             out, done = shard.follow.take_log(events, upto)
             yield from out
             if done or upto is None and len(events) < LOG_BATCH:
@@ -229,6 +244,8 @@ class SyncWatcher:
         upto = shard.follow.gap_before(after, last, events)
         if upto is not None:
             yield from self._log(shard, upto)
+            if shard.conn is None:  # the gap could not be read: the reopened stream fills it
+                return
         out, rest = shard.follow.take_frame(last, events)
         yield from out
         if rest is not None:
@@ -258,6 +275,7 @@ class SyncWatcher:
                         shard.poll_at = now + self.poll
                         yield from self._log(shard, None)
                     elif not shard.polling and shard.conn is None and now >= shard.reopen_at:
+                        shard.handle = self._handle(shard)  # the primary may have changed
                         if self._open(shard):
                             for pending, upto in self._pending_fill:
                                 yield from self._log(pending, upto)
@@ -363,13 +381,15 @@ class AsyncWatcher:
         return reader, writer, follow.start(head)
 
     async def _log(self, follow: ShardFollow, handle: Any, upto: int | None) -> None:
+        """Read the shard's log from the mark (up to ``upto``; None: what there is now).
+        :class:`LogUnavailable` if the shard cannot answer (restarting, or no longer the primary)."""
         while True:
             self.link.check_open()
             try:
                 ref = handle.events_since.remote(follow.mark, LOG_BATCH, True)
                 events = await asyncio.wait_for(ref, self.link.timeout)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError):
-                return
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+                raise LogUnavailable(str(exc)) from exc
             out, done = follow.take_log(events, upto)
             for event in out:
                 await self.queue.put(event)
@@ -381,8 +401,10 @@ class AsyncWatcher:
         while True:
             if stream is None:  # polled (no stream to be had), or broken: try again after a while
                 await asyncio.sleep(self.poll if self.secret is None else REOPEN_EVERY)
+                handle = await self._handle(follow.shard, handle)  # the primary may have changed
                 if self.secret is None:
-                    await self._log(follow, handle, None)
+                    with contextlib.suppress(LogUnavailable):
+                        await self._log(follow, handle, None)
                     continue
                 stream = await self._open(follow, handle)
                 continue
@@ -400,9 +422,16 @@ class AsyncWatcher:
                         await self.queue.put(event)
                     if rest is not None:
                         await self._log(follow, handle, rest)
-            except (WireError, OSError, ValueError, asyncio.IncompleteReadError):
+            except (WireError, OSError, ValueError, asyncio.IncompleteReadError, LogUnavailable):
                 writer.close()
                 stream = None
+
+    async def _handle(self, shard: int, handle: Any) -> Any:
+        """The shard's handle in the router's current map (a failover names another member)."""
+        try:
+            return (await self.link.refresh_async()).shards[shard]
+        except StateError:
+            return handle
 
     async def close(self) -> None:
         """Stop every shard's task and close its stream."""

@@ -934,6 +934,8 @@ class ShardActor:
     def _follow(self, raw_spec: bytes, stream: FollowStream) -> _Following:
         """Open a follow stream (on its connection's thread): events committed from now on."""
         spec = FollowSpec.from_bytes(raw_spec)
+        if self.replicated and self.role != rep.PRIMARY:  # a backup commits no events of its own
+            raise ConnectionRefusedError(f"shard {self.index}'s member {self.member} is not its primary")
         with self._outbox_lock:
             live = [f for f in self._followers if not f.gone]
             if len(live) >= MAX_FOLLOWERS:

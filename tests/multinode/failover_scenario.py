@@ -9,7 +9,9 @@ head node) while it really breaks something, then reads everything back:
 - ``paused``: SIGSTOPs shard 0's primary with a write sent to it on a raw connection, waits for the
   failover, SIGCONTs it: that write must never be acknowledged nor exist;
 - ``router``: SIGKILLs shard 0's primary and at once the router;
-- ``triggers``: SIGKILLs shard 0's primary while a trigger records every event it is handed.
+- ``triggers``: SIGKILLs shard 0's primary while a trigger records every event it is handed;
+- ``console``: SIGKILLs shard 0's primary while the console's SSE stream is read and writes go
+  through the HTTP API too: every acknowledged HTTP write stays, every committed change is streamed.
 
 Usage: ``python failover_scenario.py SCENARIO [SCENARIO ...]``.
 """
@@ -230,6 +232,85 @@ def scenario_ordered(state: shardstate.StateClient, cluster: Cluster, groups: li
     return {"in_order": found, "term": replication(state)[0]["term"]}
 
 
+def scenario_console(state: shardstate.StateClient, cluster: Cluster, groups: list[str]) -> dict[str, Any]:
+    """The console through a failover: a Python writer and an HTTP writer (PATCH through the
+    console) increment two counters of shard 0's group while an SSE reader follows that group;
+    shard 0's primary is SIGKILLed in the middle."""
+    import httpx
+
+    wait_for(lambda: in_sync(state), 90)
+    watched = groups[0]
+    info = state.start_console(port=0)
+    headers = {"Authorization": f"Bearer {info.token}"}
+    streamed: set[tuple[str, int]] = set()
+    stream_open = threading.Event()
+    stop_stream = threading.Event()
+
+    def reader() -> None:
+        timeout = httpx.Timeout(60, read=None)
+        with httpx.Client(base_url=info.url, headers=headers, timeout=timeout) as client:
+            with client.stream("GET", "/api/v1/events", params={"group": watched}) as response:
+                for line in response.iter_lines():
+                    stream_open.set()
+                    if stop_stream.is_set():
+                        return
+                    if line.startswith("data:"):
+                        data = json.loads(line[5:])
+                        if data["event_type"] != "state:deleted":
+                            streamed.add((data["key"], data["new_value"]["n"]))
+
+    threading.Thread(target=reader, daemon=True).start()
+    stream_open.wait(60)
+    written: list[tuple[str, int]] = []
+    http_errors: list[str] = []
+    stop = threading.Event()
+
+    def python_writer() -> None:
+        while not stop.is_set():
+            written.append(("py", state.update(watched, "py", [ops.increment("n")]).new_value["n"]))
+
+    def http_writer() -> None:
+        body = {"ops": [{"type": "increment", "path": "n"}]}
+        with httpx.Client(base_url=info.url, headers=headers, timeout=180) as client:
+            while not stop.is_set():
+                response = client.patch(f"/api/v1/groups/{watched}/items/http", json=body)
+                if response.status_code == 200:
+                    written.append(("http", response.json()["new_value"]["n"]))
+                else:
+                    http_errors.append(f"{response.status_code} {response.text[:200]}")
+
+    writers = [threading.Thread(target=w, daemon=True) for w in (python_writer, http_writer)]
+    for thread in writers:
+        thread.start()
+    time.sleep(1.0)
+    os.kill(primary_info(state, 0)["pid"], signal.SIGKILL)
+    at_kill = len(written)
+    time.sleep(4.0)
+    stop.set()
+    for thread in writers:
+        thread.join(180)
+    expected = set(written)
+    # acknowledged after the failover: each writer's later writes, past the one in flight at the kill
+    in_flight = {next((w for w in written[at_kill:] if w[0] == key), None) for key in ("py", "http")}
+    after_failover = set(written[at_kill:]) - in_flight
+    try:
+        wait_for(lambda: expected <= streamed, 60)
+    except TimeoutError:
+        pass
+    stop_stream.set()
+    http_acked = [n for key, n in written if key == "http"]
+    return {
+        "written": len(written),
+        "http_acked": len(http_acked),
+        "http_final": (state.get(watched, "http") or {}).get("n"),
+        "http_errors": http_errors[:5],
+        "not_streamed": sorted(expected - streamed)[:10],
+        "streamed_after_failover": len(after_failover & streamed),
+        "after_failover_missing": sorted(after_failover - streamed)[:10],
+        "term": replication(state)[0]["term"],
+    }
+
+
 SCENARIOS = {
     "node": scenario_node,
     "twice": scenario_twice,
@@ -237,6 +318,7 @@ SCENARIOS = {
     "router": scenario_router,
     "triggers": scenario_triggers,
     "ordered": scenario_ordered,
+    "console": scenario_console,
 }
 
 
