@@ -112,6 +112,12 @@ def scenario_paused(state: shardstate.StateClient, cluster: Cluster, groups: lis
         zombie = C.command(C.SET, group, "zombie", pickle.dumps("acknowledged by a deposed primary"), None)
         conn.send(pickle.dumps([zombie]))
         wait_for(lambda: replication(state)[0]["term"] > term, 60)
+
+        def promoted() -> bool:  # the new term is recorded before the backup hears of it: wait for that
+            now = primary_info(state, 0)
+            return now["pid"] != info["pid"] and now["role"] == "primary" and (now["term"] or 0) > term
+
+        wait_for(promoted, 60)
     finally:  # wakes up in the new term, before the router kills it
         with contextlib.suppress(ProcessLookupError):
             os.kill(info["pid"], signal.SIGCONT)

@@ -58,7 +58,7 @@ def test_a_paused_primary_is_fenced_and_acknowledges_nothing_after_the_new_epoch
     row = findings["paused"]
     assert_nothing_lost(row)
     assert row["term_after"] > row["term_before"]
-    assert row["zombie_answer"] != "ok", row  # the write sent to it before the pause
+    assert row["zombie_answer"] != "ok", json.dumps(row)  # the write sent to it before the pause
     assert row["zombie_value"] is None  # ... exists nowhere
 
 
