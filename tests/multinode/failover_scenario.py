@@ -311,6 +311,8 @@ def scenario_console(state: shardstate.StateClient, cluster: Cluster, groups: li
         "http_final": (state.get(watched, "http") or {}).get("n"),
         "http_errors": http_errors[:5],
         "not_streamed": sorted(expected - streamed)[:10],
+        # how many acknowledged writes before the kill each missed one was (its event not pushed yet)
+        "missed_before_kill": sorted(at_kill - written.index(w) for w in expected - streamed),
         "streamed_after_failover": len(after_failover & streamed),
         "after_failover_missing": sorted(after_failover - streamed)[:10],
         "term": replication(state)[0]["term"],
