@@ -405,7 +405,7 @@ class AsyncStateClient(_ClientBase):
         """Send ``req`` through its shard's lane on this event loop (coalesced with concurrent calls)."""
         link = self._link
         link.check_open()
-        view = link.view_now() or await link.refresh_async()  # no wait once known: calls queue in order
+        view = await link.first_view()  # no wait once known; before that, queued in call order
         value = await async_lanes(link).call(view.owners[slot_of(req.group_id)], req)
         return await _core.run_async(link, _core.rest(link, value)) if isinstance(value, Page) else value
 

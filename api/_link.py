@@ -118,6 +118,8 @@ class ClusterLink:
         )
         self._refreshing = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the first fetch of the map on an event loop, shared by every call made meanwhile
+        self._first_fetch: asyncio.Task[ShardView] | None = None
         #: the lanes that coalesce concurrent calls (``_coalesce`` sets them up)
         self.lanes: Any = None
         self.async_lanes: Any = None
@@ -198,6 +200,23 @@ class ClusterLink:
             except StateError:
                 return self._touch(view)
         return view
+
+    async def first_view(self) -> ShardView:
+        """The map without waiting once known; before that, one fetch shared by every caller.
+
+        Callers that wait for the same fetch resume in the order they began to wait (asyncio wakes
+        a future's awaiters in order), so calls made before the map arrived still queue in the
+        order they were made. (Each awaiting its own fetch would resume in the order the router's
+        answers came back: one caller's un-awaited calls could then overtake each other.)
+        """
+        view = self.view_now()
+        if view is not None:
+            return view
+        loop = asyncio.get_running_loop()
+        fetch = self._first_fetch
+        if fetch is None or fetch.done() or fetch.get_loop() is not loop:
+            fetch = self._first_fetch = loop.create_task(self.refresh_async())
+        return await asyncio.shield(fetch)  # a cancelled caller does not cancel the others' fetch
 
     def view_now(self) -> ShardView | None:
         """The cached map without waiting (asyncio callers that must not yield before they queue);
