@@ -173,6 +173,11 @@ def set_(
     with reported(opts):
         parsed = json_argument(value, "the value")
         result = attach(opts).set(group, key, parsed)
+    _written(opts, group, key, result)
+
+
+def _written(opts: Any, group: str, key: str, result: Any) -> None:
+    """What ``set`` and ``update`` print: both values as JSON, or the key and its new value."""
     if opts.json:
         emit({"old_value": result.old_value, "new_value": result.new_value})
     else:
@@ -197,10 +202,7 @@ def update(
         if not isinstance(parsed, list):
             raise InvalidInput(f"the ops must be a JSON list of ops, got {type(parsed).__name__}")
         result = attach(opts).update(group, key, parsed)
-    if opts.json:
-        emit({"old_value": result.old_value, "new_value": result.new_value})
-    else:
-        opts.out().print(f"{group}/{key} = {_preview(result.new_value)}", markup=False)
+    _written(opts, group, key, result)
 
 
 @app.command()
